@@ -1,0 +1,33 @@
+"""toolkit: pretrain BERT/ELECTRA/GPT-style language models on your own text, then fine-tune them.
+
+Python API (each returns the output folder and final metrics):
+
+    import toolkit
+    result = toolkit.pretrain("recipes/bert-mlm.yaml", training__max_steps=50)
+"""
+
+__version__ = "0.1.0"
+
+
+def pretrain(recipe=None, overrides=None, **kwargs):
+    """Pretrain from a recipe with overrides; see `toolkit.pretrain.pretrain`."""
+    from toolkit.pretraining import pretrain as _pretrain
+
+    return _pretrain(recipe, overrides, **kwargs)
+
+
+def evaluate(model, files, **kwargs) -> dict:
+    """Loss/perplexity of a saved model on text files; see `toolkit.evaluate.evaluate_model`."""
+    from toolkit.evaluation import evaluate_model
+
+    return evaluate_model(model, files, **kwargs)
+
+
+def train_tokenizer(texts, kind="wordpiece", vocab_size=30522, **kwargs):
+    """Train a WordPiece or byte-level BPE tokenizer on an iterable of texts."""
+    from toolkit.tokenizer import train_tokenizer as _train
+
+    return _train(texts, kind, vocab_size, **kwargs)
+
+
+__all__ = ["pretrain", "evaluate", "train_tokenizer", "__version__"]

@@ -1,0 +1,223 @@
+"""Documents -> token stream -> fixed-length blocks, tokenized once and cached.
+
+Each document is tokenized (fast tokenizer, batched `map`, `num_proc`), a separator token
+([SEP] for BERT, <|endoftext|> for GPT) is appended to it, and the documents are concatenated
+into one stream that is cut into blocks of exactly `max_seq_length` tokens: no padding, and the
+separators keep the document boundaries for later objectives. Encoder models get a [CLS] at the
+start of every block. Only the final remainder (shorter than one block) is dropped.
+
+The blocks are written to an Arrow file under the cache folder whose name hashes everything they
+depend on (input files with sizes and mtimes, reading settings, tokenizer, length, split seed), so
+a second run with the same inputs reuses them without tokenizing again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.data import corpus
+from toolkit.errors import ToolkitError
+from toolkit.tokenizer import separator_id
+
+CACHE_VERSION = 1
+
+
+def cache_root(cache_dir: str | None) -> Path:
+    root = cache_dir or os.environ.get("TOOLKIT_CACHE") or Path.home() / ".cache" / "toolkit"
+    return Path(root).expanduser()
+
+
+def tokenizer_hash(tokenizer) -> str:
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+
+
+def hash_key(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@dataclass
+class Blocks:
+    """Packed train/validation blocks and what it took to make them."""
+
+    train: object  # datasets.Dataset with an `input_ids` column of fixed length (and `word_start`)
+    validation: object | None
+    stats: dict
+    cache_hit: bool
+    path: Path
+
+
+def block_prefix(tokenizer) -> list[int]:
+    """Encoders start every block with [CLS]; decoders need no prefix."""
+    return [tokenizer.cls_token_id] if tokenizer.cls_token_id is not None else []
+
+
+def prepare_blocks(
+    data,
+    tokenizer,
+    seed: int,
+    *,
+    word_starts: bool = False,
+    documents=None,
+) -> Blocks:
+    """Build (or load from cache) the packed train and validation blocks for a DataArgs section.
+
+    `documents` may be a zero-argument callable returning (train_docs, validation_docs) that were
+    already read (e.g. to train the tokenizer), to avoid reading the files twice.
+    """
+    train_files = corpus.expand(data.train_files, "data.train_files")
+    val_files = corpus.expand(data.validation_files, "data.validation_files") if data.validation_files else []
+    key = hash_key(
+        {
+            "version": CACHE_VERSION,
+            "train": corpus.fingerprint(train_files),
+            "validation": corpus.fingerprint(val_files),
+            "split": None if val_files else [data.validation_split_percentage, seed],
+            "text_field": data.text_field,
+            "document_boundary": data.document_boundary,
+            "tokenizer": tokenizer_hash(tokenizer),
+            "max_seq_length": data.max_seq_length,
+            "word_starts": word_starts,
+        }
+    )
+    path = cache_root(data.cache_dir) / "corpora" / key
+    if (path / "meta.json").is_file():
+        return _load(path, cache_hit=True)
+
+    train_docs, val_docs = documents() if documents else split_documents(data, seed, train_files, val_files)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=path.parent))
+    try:
+        stats = {"max_seq_length": data.max_seq_length}
+        for split, docs in (("train", train_docs), ("validation", val_docs)):
+            if docs is None:
+                continue
+            tokens = tokenize_documents(docs, tokenizer, data.preprocessing_num_workers, word_starts)
+            stats[split] = pack(tokens, tokenizer, data.max_seq_length, tmp / f"{split}.arrow", word_starts)
+            stats[split]["documents"] = len(docs)
+            if stats[split]["blocks"] == 0:
+                raise ToolkitError(
+                    f"the {split} corpus has {stats[split]['tokens']} tokens, fewer than one block of "
+                    f"data.max_seq_length={data.max_seq_length}: add text or lower data.max_seq_length"
+                )
+        (tmp / "meta.json").write_text(json.dumps(stats, indent=2))
+        try:
+            os.replace(tmp, path)  # atomic: a cache folder is complete or absent
+        except OSError:  # another process finished the same cache first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _load(path, cache_hit=False)
+
+
+def split_documents(data, seed: int, train_files, val_files):
+    """Read documents; hold out a seeded fraction of them for validation when no files are given."""
+    train = corpus.load_documents(train_files, data.text_field, data.document_boundary)
+    if len(train) == 0:
+        raise ToolkitError("the training files hold no text: every document is empty")
+    if val_files:
+        val = corpus.load_documents(val_files, data.text_field, data.document_boundary)
+        if len(val) == 0:
+            raise ToolkitError("the validation files hold no text: every document is empty")
+        return train, val
+    if data.validation_split_percentage <= 0:
+        return train, None
+    n_val = int(round(len(train) * data.validation_split_percentage / 100))
+    if n_val == 0 or n_val >= len(train):
+        raise ToolkitError(
+            f"cannot hold out {data.validation_split_percentage}% of {len(train)} document(s) for validation: "
+            "give data.validation_files, change data.validation_split_percentage, or set "
+            "data.document_boundary so that the corpus has more documents"
+        )
+    parts = train.train_test_split(test_size=n_val, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def tokenize_documents(docs, tokenizer, num_proc: int | None, word_starts: bool):
+    """Batched tokenization of every document, separator appended (in parallel for big corpora)."""
+    sep = separator_id(tokenizer)
+    backend = tokenizer.backend_tokenizer
+
+    def encode(batch):
+        encodings = backend.encode_batch(batch["text"], add_special_tokens=False)
+        out = {"input_ids": [e.ids + [sep] for e in encodings]}
+        if word_starts:
+            out["word_start"] = [_word_start(e.word_ids) + [1] for e in encodings]
+        return out
+
+    if num_proc is None:
+        num_proc = min(os.cpu_count() or 1, 8) if len(docs) >= 20_000 else None
+    return docs.map(
+        encode,
+        batched=True,
+        batch_size=1000,
+        num_proc=num_proc if num_proc and num_proc > 1 else None,
+        remove_columns=docs.column_names,
+        desc="Tokenizing",
+    )
+
+
+def _word_start(word_ids: list) -> list[int]:
+    w = np.array([-1 if i is None else i for i in word_ids], dtype=np.int64)
+    starts = np.ones(len(w), dtype=np.int8)
+    if len(w) > 1:
+        starts[1:] = (w[1:] != w[:-1]) | (w[1:] < 0)
+    return starts.tolist()
+
+
+def pack(tokens, tokenizer, max_seq_length: int, out_file: Path, word_starts: bool) -> dict:
+    """Concatenate the token stream and cut it into full blocks, written to an Arrow file."""
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    prefix = np.array(block_prefix(tokenizer), dtype=np.int32)
+    body = max_seq_length - len(prefix)
+    columns = ["input_ids"] + (["word_start"] if word_starts else [])
+    features = datasets.Features(
+        {
+            c: datasets.List(datasets.Value("int32" if c == "input_ids" else "int8"), length=max_seq_length)
+            for c in columns
+        }
+    )
+    carry = {c: np.empty(0, dtype=np.int32) for c in columns}
+    n_tokens = n_blocks = 0
+    with ArrowWriter(features=features, path=str(out_file)) as writer:
+        table = tokens.data.table if hasattr(tokens.data, "table") else tokens.data
+        for batch in table.to_batches(max_chunksize=10_000):
+            stream = {}
+            for c in columns:
+                flat = batch.column(c).flatten().to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+                stream[c] = np.concatenate([carry[c], flat])
+            n_tokens += len(stream["input_ids"]) - len(carry["input_ids"])
+            n = len(stream["input_ids"]) // body
+            if n:
+                out = {}
+                for c in columns:
+                    rows = stream[c][: n * body].reshape(n, body)
+                    head = np.broadcast_to(
+                        prefix if c == "input_ids" else np.ones(len(prefix), np.int32), (n, len(prefix))
+                    )
+                    out[c] = np.concatenate([head, rows], axis=1)
+                writer.write_batch(out)
+                n_blocks += n
+            carry = {c: stream[c][n * body :] for c in columns}
+        writer.finalize()
+    return {"tokens": n_tokens, "blocks": n_blocks, "dropped_tokens": len(carry["input_ids"])}
+
+
+def _load(path: Path, cache_hit: bool) -> Blocks:
+    import datasets
+
+    stats = json.loads((path / "meta.json").read_text())
+    train = datasets.Dataset.from_file(str(path / "train.arrow"))
+    val_file = path / "validation.arrow"
+    val = datasets.Dataset.from_file(str(val_file)) if val_file.is_file() else None
+    return Blocks(train=train, validation=val, stats=stats, cache_hit=cache_hit, path=path)

@@ -1,0 +1,137 @@
+"""Raw corpus -> a `datasets.Dataset` of documents (one `text` per row).
+
+Inputs: plain-text files (documents separated by blank lines, one per line, or one per file),
+folders of them, glob patterns, `.jsonl`/`.json`/`.csv`/`.parquet` with a text field, and `.gz`
+of any of these. `pkg://PACKAGE/sub/path*.txt` names files inside an installed Python package
+(found through importlib, so recipes never hold one machine's paths).
+
+Every file is checked (exists, not empty, UTF-8 text) before anything is read in bulk.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import gzip
+import importlib.util
+import os
+from pathlib import Path
+
+from toolkit.errors import ToolkitError
+
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".raw", "")
+STRUCTURED = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _package_root(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ToolkitError(f"package '{name}' is not installed: pip install it, or point at files on disk")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def expand(specs: list[str], what: str = "data.train_files") -> list[Path]:
+    """Files, folders (recursively), globs and pkg:// names -> a sorted list of existing files."""
+    files: list[Path] = []
+    for spec in specs:
+        spec = str(spec)
+        if spec.startswith("pkg://"):
+            package, _, rest = spec[len("pkg://") :].partition("/")
+            spec = str(_package_root(package) / rest)
+        spec = os.path.expanduser(spec)
+        if glob.has_magic(spec):
+            matched = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+            if not matched:
+                raise ToolkitError(f"{what}: no file matches '{spec}'")
+            files += matched
+        elif Path(spec).is_dir():
+            matched = sorted(p for p in Path(spec).rglob("*") if p.is_file() and not p.name.startswith("."))
+            if not matched:
+                raise ToolkitError(f"{what}: folder '{spec}' holds no files")
+            files += matched
+        elif Path(spec).is_file():
+            files.append(Path(spec))
+        else:
+            raise ToolkitError(f"{what}: file not found: '{spec}' (check the path, or the working directory)")
+    seen, unique = set(), []
+    for f in files:
+        if f.resolve() not in seen:
+            seen.add(f.resolve())
+            unique.append(f)
+    return unique
+
+
+def file_format(path: Path) -> tuple[str, bool]:
+    """('text' | 'json' | 'csv' | 'parquet', gzipped)."""
+    name = path.name.lower()
+    gz = name.endswith(".gz")
+    if gz:
+        name = name[:-3]
+    suffix = Path(name).suffix
+    if suffix in STRUCTURED:
+        return STRUCTURED[suffix], gz
+    return "text", gz
+
+
+def check_file(path: Path) -> None:
+    """Stop early on an empty or binary file, with a message that names it."""
+    fmt, gz = file_format(path)
+    if path.stat().st_size == 0:
+        raise ToolkitError(f"'{path}' is empty: remove it from the file list or add text to it")
+    if fmt == "parquet":
+        return
+    opener = gzip.open if gz else open
+    try:
+        with opener(path, "rb") as fh:
+            head = fh.read(1 << 16)
+    except (OSError, EOFError) as e:
+        raise ToolkitError(f"cannot read '{path}': {e}") from None
+    if not head.strip():
+        raise ToolkitError(f"'{path}' is empty (only whitespace): remove it or add text to it")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        decoder.decode(head, final=False)
+    except UnicodeDecodeError:
+        raise ToolkitError(f"'{path}' is not UTF-8 text (binary file?): convert it to UTF-8 or remove it") from None
+    if b"\x00" in head:
+        raise ToolkitError(f"'{path}' looks binary (it contains NUL bytes): give text files only")
+
+
+def fingerprint(files: list[Path]) -> list[tuple[str, int, int]]:
+    """What identifies the inputs for caching: path, size and modification time of each file."""
+    return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
+def load_documents(files: list[Path], text_field: str, document_boundary: str):
+    """Read files into one Dataset with a single `text` column of non-empty documents."""
+    import datasets
+
+    for f in files:
+        check_file(f)
+    parts = []
+    by_format: dict[str, list[str]] = {}
+    for f in files:
+        by_format.setdefault(file_format(f)[0], []).append(str(f))
+    sample_by = {"blank_line": "paragraph", "line": "line", "file": "document"}[document_boundary]
+    for fmt, paths in by_format.items():
+        if fmt == "text":
+            ds = datasets.load_dataset("text", data_files=paths, sample_by=sample_by, split="train")
+        else:
+            ds = datasets.load_dataset(fmt, data_files=paths, split="train")
+            if text_field not in ds.column_names:
+                raise ToolkitError(
+                    f"no column '{text_field}' in {', '.join(paths)}: the columns are "
+                    f"{', '.join(ds.column_names)}; set data.text_field to one of them"
+                )
+            ds = ds.select_columns([text_field])
+            if text_field != "text":
+                ds = ds.rename_column(text_field, "text")
+            ds = ds.cast_column("text", datasets.Value("string"))
+        parts.append(ds)
+    ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    ds = ds.map(_strip, batched=True, desc="Cleaning documents")
+    return ds.filter(lambda batch: [len(t) > 0 for t in batch["text"]], batched=True, desc="Dropping empty documents")
+
+
+def _strip(batch):
+    return {"text": [(t or "").strip() for t in batch["text"]]}

@@ -1,0 +1,1 @@
+"""The shared training engine: one loop (`loop.train`), its optimizer/schedule, checkpoints and logs."""

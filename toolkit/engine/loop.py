@@ -1,0 +1,284 @@
+"""The training loop, shared by every objective.
+
+    for each optimizer step:
+        fetch gradient_accumulation_steps micro-batches and count their loss items on all processes
+        forward/backward each (DDP syncs on the last), loss = sum_k w_k * loss_sum_k / global_count_k
+        clip, optimizer step, schedule step
+        log / evaluate / checkpoint when due
+
+Normalising by the *global* item count of the whole step (not a mean per micro-batch) makes one
+process with batch 2b, one with batch b and 2 accumulation steps, and two processes with batch b
+compute the same loss and gradients. The data position is a pure function of the step, so a resume
+continues exactly where the checkpoint was taken.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from toolkit.data.loader import BlockDataset, GlobalBatchSampler, ShardSampler, make_loader
+from toolkit.engine import checkpoint
+from toolkit.engine.optim import make_optimizer, make_scheduler
+from toolkit.engine.tracking import MetricsLog
+from toolkit.errors import ToolkitError
+
+# What must not change between a checkpoint and its resume (the data order depends on them).
+RESUME_INVARIANTS = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "train_blocks")
+
+
+@dataclass
+class Job:
+    """Everything one training run needs, whatever the objective."""
+
+    objective: torch.nn.Module  # an toolkit.objectives.Objective
+    tokenizer: object
+    train_data: object  # datasets.Dataset of packed blocks
+    eval_data: object | None
+    training: object  # TrainingArgs
+    output_dir: Path
+    write_extras: Callable[[Path], None] = lambda folder: None  # recipe + tokenizer beside checkpoints
+    tracker_config: dict = field(default_factory=dict)
+
+
+def make_accelerator(t, output_dir: Path):
+    from accelerate import Accelerator, InitProcessGroupKwargs
+    from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
+
+    if t.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ToolkitError("training.mixed_precision=fp16 needs a CUDA GPU: use bf16 or no on this machine")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    # Several processes on CPU talk over gloo (DeepSpeed under accelerate needs to be told so).
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched > 1 and not torch.cuda.is_available() else []
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=t.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+        log_with=[r for r in t.report_to] or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
+        kwargs_handlers=handlers,
+    )
+    if launched != accelerator.num_processes:
+        raise ToolkitError(
+            f"the launcher started {launched} processes but only {accelerator.num_processes} joined the run; "
+            "on CPU launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N"
+        )
+    return accelerator
+
+
+def total_steps(t, batches_per_epoch: int) -> int:
+    if t.max_steps > 0:
+        return t.max_steps
+    return max(1, math.ceil(t.num_train_epochs * batches_per_epoch / t.gradient_accumulation_steps))
+
+
+class MicroBatches:
+    """Endless stream of this process's micro-batches, starting at any position (for resume)."""
+
+    def __init__(self, sampler: GlobalBatchSampler, loader, collator, start: int):
+        self.sampler, self.loader, self.collator = sampler, loader, collator
+        self.epoch, self.offset = divmod(start, len(sampler))
+        self.iterator = None
+
+    def __next__(self):
+        if self.iterator is None:
+            self.sampler.set_epoch(self.epoch, start=self.offset)
+            self.collator.epoch = self.epoch
+            self.iterator = iter(self.loader)
+        try:
+            return next(self.iterator)
+        except StopIteration:
+            self.epoch, self.offset, self.iterator = self.epoch + 1, 0, None
+            return next(self)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def reduce_totals(accelerator, totals: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Sum a dict of scalar tensors over processes in one collective."""
+    if not totals:
+        return {}
+    keys = sorted(totals)
+    packed = torch.stack([totals[k].detach().double().reshape(()) for k in keys]).to(accelerator.device)
+    packed = accelerator.reduce(packed, reduction="sum")
+    return dict(zip(keys, packed.tolist()))
+
+
+def add_into(totals: dict, prefix: str, values: dict) -> None:
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        v = v.detach().double().reshape(())
+        totals[key] = totals[key] + v if key in totals else v
+
+
+@torch.no_grad()
+def evaluate(model, objective, loader, accelerator, max_batches: int | None = None) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    totals: dict = {}
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = to_device(batch, accelerator.device)
+        losses, stats = model(batch)
+        add_into(totals, "loss/", losses)
+        add_into(totals, "count/", objective.counts(batch))
+        add_into(totals, "", stats)
+    model.train(was_training)
+    return objective.metrics(reduce_totals(accelerator, totals))
+
+
+def eval_loader(job: Job, accelerator, seed: int):
+    if job.eval_data is None:
+        return None
+    collator = job.objective.make_collator(job.tokenizer, seed, salt="eval")
+    sampler = ShardSampler(
+        len(job.eval_data),
+        job.training.per_device_eval_batch_size,
+        accelerator.num_processes,
+        accelerator.process_index,
+    )
+    return make_loader(BlockDataset(job.eval_data), sampler, collator)
+
+
+def train(job: Job, accelerator, resume: Path | None = None):
+    t, objective = job.training, job.objective
+    world, rank = accelerator.num_processes, accelerator.process_index
+    accum = t.gradient_accumulation_steps
+    main = accelerator.is_main_process
+
+    # ---- data: global batches sliced per process, masking seeded per example -------------------
+    sampler = GlobalBatchSampler(len(job.train_data), t.per_device_train_batch_size, world, rank, t.seed)
+    if len(sampler) < accum:
+        raise ToolkitError(
+            f"the training corpus has {len(job.train_data)} blocks, fewer than one optimizer step needs "
+            f"({t.per_device_train_batch_size} x {world} processes x {accum} accumulation steps): add text or "
+            "lower training.per_device_train_batch_size / gradient_accumulation_steps"
+        )
+    steps = total_steps(t, len(sampler))
+    collator = objective.make_collator(job.tokenizer, t.seed)
+    loader = make_loader(BlockDataset(job.train_data), sampler, collator, t.dataloader_num_workers)
+    evals = eval_loader(job, accelerator, t.seed)
+
+    # ---- model, optimizer and schedule, wrapped for the launch (DDP, DeepSpeed, ...) -----------
+    optimizer = make_optimizer(objective, t, accelerator.device)
+    scheduler = make_scheduler(optimizer, t, steps)
+    model, optimizer = accelerator.prepare(objective, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    if t.torch_compile:
+        model = torch.compile(model)
+
+    # ---- resume: the whole run state, then the data position that follows from the step --------
+    step, tokens_seen, elapsed = 0, 0, 0.0
+    run_facts = {
+        "world_size": world,
+        "per_device_train_batch_size": t.per_device_train_batch_size,
+        "gradient_accumulation_steps": accum,
+        "seed": t.seed,
+        "train_blocks": len(job.train_data),
+    }
+    if resume is not None:
+        state = checkpoint.read_state(resume)
+        changed = [f"{k} ({state.get(k)} -> {v})" for k, v in run_facts.items() if state.get(k) != v]
+        if changed:
+            raise ToolkitError(
+                f"cannot resume from '{resume}': it was written with different settings: {', '.join(changed)}; "
+                "resume with the same settings (and number of processes), or start a new output_dir"
+            )
+        accelerator.load_state(str(resume))
+        step, tokens_seen, elapsed = state["step"], state["tokens_seen"], state.get("train_seconds", 0.0)
+    if accelerator.trackers == [] and t.report_to:
+        accelerator.init_trackers("pretrain", config=job.tracker_config)
+    log = MetricsLog(job.output_dir, accelerator, resume_step=step if resume is not None else None)
+    stream = MicroBatches(sampler, loader, collator, start=step * accum)
+    if main:
+        print(
+            f"training: {steps} steps, {world} process(es), global batch "
+            f"{t.per_device_train_batch_size * world * accum} x {len(job.train_data[0]['input_ids'])} tokens, "
+            f"{len(sampler) // accum} steps per epoch" + (f", resumed at step {step}" if step else "")
+        )
+
+    def save_checkpoint():
+        state = {
+            **run_facts,
+            "step": step,
+            "epoch": step * accum / len(sampler),
+            "tokens_seen": tokens_seen,
+            "train_seconds": elapsed,
+        }
+        checkpoint.save(accelerator, job.output_dir, step, state, job.write_extras, t.save_total_limit)
+
+    history: dict = {}
+    if evals is not None and t.eval_on_start and step == 0:
+        history["initial"] = evaluate(model, objective, evals, accelerator, t.max_eval_batches)
+        log.log(0, {f"eval_{k}": v for k, v in history["initial"].items()})
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, initial=step, disable=not main, desc="pretrain", dynamic_ncols=True)
+    model.train()
+    interval: dict = {}
+    grad_norms: list[float] = []  # the same on every process: norms of synchronised gradients
+    interval_start, interval_tokens = time.perf_counter(), 0
+    while step < steps:
+        # 1. one optimizer step of micro-batches; loss items counted over every process
+        micro = [to_device(next(stream), accelerator.device) for _ in range(accum)]
+        counts: dict = {}
+        for batch in micro:
+            add_into(counts, "", objective.counts(batch))
+        global_counts = {k: max(v, 1.0) for k, v in reduce_totals(accelerator, counts).items()}
+
+        # 2. forward/backward; DDP averages gradients over processes, hence the factor world
+        for batch in micro:
+            with accelerator.accumulate(model):
+                losses, stats = model(batch)
+                loss = sum(objective.loss_weights[k] * losses[k] / global_counts[k] for k in losses)
+                accelerator.backward(loss * world * accum)  # backward() divides by accum again
+                if accelerator.sync_gradients and t.max_grad_norm > 0:
+                    grad_norms.append(float(accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            add_into(interval, "loss/", losses)
+            add_into(interval, "", stats)
+            interval_tokens += batch["input_ids"].numel() * world
+        add_into(interval, "count/", counts)
+        scheduler.step()
+        step += 1
+        bar.update(1)
+
+        # 3. log, evaluate and checkpoint when due
+        if step % t.logging_steps == 0 or step == steps:
+            totals = reduce_totals(accelerator, interval)
+            seconds = time.perf_counter() - interval_start
+            elapsed += seconds
+            tokens_seen += interval_tokens
+            values = objective.metrics(totals)
+            values.update(
+                learning_rate=scheduler.get_last_lr()[0],
+                tokens_per_second=interval_tokens / max(seconds, 1e-9),
+                tokens_seen=tokens_seen,
+                epoch=step * accum / len(sampler),
+            )
+            if grad_norms:
+                values["grad_norm"] = sum(grad_norms) / len(grad_norms)
+            log.log(step, values)
+            bar.set_postfix(loss=f"{values['loss']:.4f}")
+            history["train"] = values
+            interval, grad_norms, interval_start, interval_tokens = {}, [], time.perf_counter(), 0
+        if evals is not None and ((t.eval_steps and step % t.eval_steps == 0) or step == steps):
+            history["eval"] = evaluate(model, objective, evals, accelerator, t.max_eval_batches)
+            log.log(step, {f"eval_{k}": v for k, v in history["eval"].items()})
+        if (t.save_steps and step % t.save_steps == 0) or step == steps:
+            save_checkpoint()
+    bar.close()
+    history.update(steps=step, tokens_seen=tokens_seen, train_seconds=elapsed, world_size=world)
+    return history, model  # the prepared model: the final save gathers sharded weights from it

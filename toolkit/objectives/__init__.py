@@ -1,0 +1,15 @@
+"""Pretraining objectives, by the name a recipe's `objective.name` uses.
+
+Adding one: subclass `Objective` (collator + head + loss + metrics) and register it here.
+"""
+
+from toolkit.objectives.base import Objective
+from toolkit.objectives.clm import CausalLM
+from toolkit.objectives.mlm import MaskedLM
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    MaskedLM.name: MaskedLM,
+    CausalLM.name: CausalLM,
+}
+
+__all__ = ["OBJECTIVES", "Objective"]

@@ -1,0 +1,113 @@
+"""What an objective is: collator + model head + loss + metrics, as one `nn.Module`.
+
+The engine only ever calls an objective's `forward(batch)`, which returns per-component *summed*
+losses and summed statistics, and `counts(batch)`, the number of items each loss sums over.
+The engine divides each sum by its count over the whole optimizer step (all micro-batches, all
+processes) and weights it by `loss_weights`, so the loss is the same however the step is split.
+
+Being a module, the objective is what `accelerator.prepare` wraps: DDP/DeepSpeed/FSDP see one
+forward, and objectives with two networks (ELECTRA) train them with one optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from toolkit.errors import ToolkitError
+
+
+class Objective(nn.Module):
+    name: ClassVar[str]
+    architectures: ClassVar[tuple[str, ...]]  # model.architecture values it can train
+    auto_class: ClassVar[str]  # transformers Auto class of the trained model
+    loss_weights: ClassVar[dict[str, float]]  # component -> weight in the total loss
+
+    def __init__(self, model: nn.Module, args):
+        super().__init__()
+        self.model = model
+        self.args = args
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def check_recipe(cls, recipe) -> None:
+        """Cross-field rules of this objective (called by the recipe's validate())."""
+        if recipe.model.model_name_or_path is None and recipe.model.architecture not in cls.architectures:
+            raise ToolkitError(
+                f"objective '{cls.name}' cannot train model.architecture '{recipe.model.architecture}': "
+                f"use one of {', '.join(cls.architectures)}"
+            )
+
+    @classmethod
+    def build_model(cls, recipe, tokenizer) -> nn.Module:
+        """A fresh model from the size preset, or the checkpoint in model.model_name_or_path."""
+        import transformers
+
+        from toolkit.models import ATTN_IMPLEMENTATION, build_config, load_config
+
+        auto = getattr(transformers, cls.auto_class)
+        m = recipe.model
+        if m.model_name_or_path:
+            config = load_config(m.model_name_or_path, m.config_overrides)
+            try:
+                return auto.from_pretrained(
+                    m.model_name_or_path, config=config, attn_implementation=ATTN_IMPLEMENTATION
+                )
+            except ValueError as e:
+                raise ToolkitError(
+                    f"cannot load '{m.model_name_or_path}' for objective '{cls.name}' ({cls.auto_class}): {e}"
+                ) from None
+        config = build_config(m.architecture, m.size, tokenizer, recipe.data.max_seq_length, m.config_overrides)
+        return auto.from_config(config, attn_implementation=ATTN_IMPLEMENTATION)
+
+    @classmethod
+    def from_recipe(cls, recipe, tokenizer) -> Objective:
+        return cls(cls.build_model(recipe, tokenizer), recipe.objective)
+
+    @classmethod
+    def needs_word_starts(cls, args) -> bool:
+        """Whether packed blocks must carry word-start flags (whole-word masking)."""
+        return False
+
+    def make_collator(self, tokenizer, seed: int, salt: str = "train"):
+        raise NotImplementedError
+
+    # ---- the step -----------------------------------------------------------------------------
+    def counts(self, batch: dict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        """Named metrics from sums over many batches: `loss/<k>`, `count/<k>` and the stats."""
+        out = {"loss": 0.0}
+        for k, w in self.loss_weights.items():
+            n = max(totals.get(f"count/{k}", 0.0), 1.0)
+            component = totals.get(f"loss/{k}", 0.0) / n
+            out["loss"] += w * component
+            if len(self.loss_weights) > 1:
+                out[f"{k}_loss"] = component
+        return out
+
+    # ---- outputs ------------------------------------------------------------------------------
+    def save_pretrained(self, output_dir, state_dict: dict | None = None) -> None:
+        """Write the trained network(s) as ordinary Hugging Face folders."""
+        self.model.save_pretrained(output_dir, state_dict=_strip_prefix(state_dict, "model."))
+
+    def hf_models(self) -> dict[str, nn.Module]:
+        """The transformers models this objective trains, by sub-folder ('' is output_dir)."""
+        return {"": self.model}
+
+
+def _strip_prefix(state_dict: dict | None, prefix: str) -> dict | None:
+    if state_dict is None:
+        return None
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 50 else float("inf")

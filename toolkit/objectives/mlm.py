@@ -1,0 +1,72 @@
+"""Masked language modelling (BERT).
+
+The vocabulary projection runs only at the masked positions (about 15% of tokens): for small
+models that projection is most of the compute, and the other 85% of its outputs would be thrown
+away by the loss anyway. Where the architecture's head is not known, the full model runs.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from toolkit.data.collators import MaskedLMCollator
+from toolkit.objectives.base import Objective, perplexity
+
+
+def mlm_parts(model: nn.Module):
+    """(encoder, head) of a masked-LM model, where the head can run on selected positions only."""
+    kind = getattr(model.config, "model_type", "")
+    if kind == "bert" and hasattr(model, "cls"):
+        return model.bert, model.cls
+    if kind in ("roberta", "xlm-roberta", "camembert") and hasattr(model, "lm_head"):
+        return model.roberta, model.lm_head
+    if kind == "electra" and hasattr(model, "generator_lm_head"):
+        return model.electra, nn.Sequential(model.generator_predictions, model.generator_lm_head)
+    return None, None
+
+
+def masked_lm_loss(model: nn.Module, input_ids, labels, token_type_ids=None):
+    """(summed cross-entropy, number correct) over the positions whose label is not -100."""
+    selected = labels != -100
+    target = labels[selected]
+    encoder, head = mlm_parts(model)
+    if encoder is not None:
+        hidden = encoder(input_ids=input_ids, token_type_ids=token_type_ids).last_hidden_state
+        logits = head(hidden[selected])
+    else:
+        logits = model(input_ids=input_ids, token_type_ids=token_type_ids).logits[selected]
+    loss = F.cross_entropy(logits.float(), target, reduction="sum")
+    correct = (logits.detach().argmax(-1) == target).sum()
+    return loss, correct
+
+
+class MaskedLM(Objective):
+    name = "mlm"
+    architectures = ("bert",)
+    auto_class = "AutoModelForMaskedLM"
+    loss_weights = {"mlm": 1.0}
+
+    @classmethod
+    def needs_word_starts(cls, args) -> bool:
+        return args.whole_word_mask
+
+    def make_collator(self, tokenizer, seed: int, salt: str = "train"):
+        a = self.args
+        return MaskedLMCollator(
+            tokenizer, a.mlm_probability, a.mask_replace_prob, a.random_replace_prob, a.whole_word_mask, seed, salt
+        )
+
+    def counts(self, batch):
+        return {"mlm": (batch["labels"] != -100).sum()}
+
+    def forward(self, batch):
+        loss, correct = masked_lm_loss(self.model, batch["input_ids"], batch["labels"], batch.get("token_type_ids"))
+        return {"mlm": loss}, {"mlm_correct": correct}
+
+    def metrics(self, totals):
+        out = super().metrics(totals)
+        n = max(totals.get("count/mlm", 0.0), 1.0)
+        out["perplexity"] = perplexity(totals.get("loss/mlm", 0.0) / n)
+        out["mlm_accuracy"] = totals.get("mlm_correct", 0.0) / n
+        return out

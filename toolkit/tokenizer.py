@@ -1,0 +1,109 @@
+"""Tokenizer training with the `tokenizers` library.
+
+WordPiece (BERT/ELECTRA: lower-casing, [CLS]/[SEP]/[MASK]/[PAD]/[UNK], `[CLS] A [SEP] B [SEP]`
+template) or byte-level BPE (GPT-2 style, `<|endoftext|>` as end, padding and unknown token).
+The result is saved as an ordinary transformers tokenizer: `AutoTokenizer.from_pretrained(dir)`
+gives a `BertTokenizer` or `GPT2Tokenizer`.
+
+WordPiece training in `tokenizers` assigns ids in a run-dependent order when frequencies tie
+(its counts live in hash maps), so the vocabulary is re-numbered canonically after training:
+special tokens first, then the rest sorted. Ids then depend only on the corpus, which keeps
+runs reproducible. Byte-level BPE training is deterministic as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from toolkit.errors import ToolkitError
+
+WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+BPE_END = "<|endoftext|>"
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    kind: str = "wordpiece",
+    vocab_size: int = 30522,
+    lowercase: bool = True,
+    min_frequency: int = 2,
+    model_max_length: int = 512,
+):
+    """Train a tokenizer on an iterable of texts and wrap it as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    if kind == "wordpiece":
+        from transformers import BertTokenizer
+
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=None if lowercase else False)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=WORDPIECE_SPECIALS
+        )
+        tok.train_from_iterator(_nonempty(texts), trainer)
+        vocab = tok.get_vocab()
+        canonical = WORDPIECE_SPECIALS + sorted(t for t in vocab if t not in WORDPIECE_SPECIALS)
+        tok.model = models.WordPiece(vocab={t: i for i, t in enumerate(canonical)}, unk_token="[UNK]")
+        cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+        )
+        tok.decoder = decoders.WordPiece()
+        return BertTokenizer(tokenizer_object=tok, do_lower_case=lowercase, model_max_length=model_max_length)
+    if kind == "bpe":
+        from transformers import GPT2Tokenizer
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=[BPE_END],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        tok.train_from_iterator(_nonempty(texts), trainer)
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        tok.decoder = decoders.ByteLevel()
+        return GPT2Tokenizer(
+            tokenizer_object=tok,
+            bos_token=BPE_END,
+            eos_token=BPE_END,
+            unk_token=BPE_END,
+            pad_token=BPE_END,
+            model_max_length=model_max_length,
+        )
+    raise ToolkitError(f"unknown tokenizer kind '{kind}': choose wordpiece or bpe")
+
+
+def _nonempty(texts: Iterable[str]) -> Iterator[str]:
+    for t in texts:
+        if t:
+            yield t
+
+
+def load_tokenizer(path: str | Path):
+    """Load a saved tokenizer folder; a clear error when it is not one."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ToolkitError(f"tokenizer folder not found: '{path}'")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ToolkitError(f"'{path}' does not hold a tokenizer that transformers can load: {e}") from None
+    if not tok.is_fast:
+        raise ToolkitError(f"the tokenizer in '{path}' is not a fast tokenizer; the toolkit needs one")
+    return tok
+
+
+def separator_id(tokenizer) -> int:
+    """The token that ends a document in a packed stream: [SEP] for BERT, the EOS token for GPT."""
+    for tid in (tokenizer.sep_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return tid
+    raise ToolkitError("the tokenizer has neither a separator nor an end-of-text token to mark document ends")
