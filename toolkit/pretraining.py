@@ -22,6 +22,7 @@ from toolkit.tokenizer import load_tokenizer, train_tokenizer
 class PretrainResult:
     output_dir: Path
     metrics: dict  # final eval metrics ("eval_*"), the initial ones ("initial_eval_*"), train stats
+    model: object = None  # the trained transformers model, in memory
 
 
 def pretrain(recipe=None, overrides: list[str] | dict | None = None, **kwargs) -> PretrainResult:
@@ -182,7 +183,8 @@ def run(recipe: PretrainRecipe) -> PretrainResult:
         publish(out, write_final)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return PretrainResult(output_dir=out, metrics=metrics)
+    trained = accelerator.unwrap_model(model).model
+    return PretrainResult(output_dir=out, metrics=metrics, model=trained)
 
 
 def publish(out: Path, write) -> None:

@@ -88,6 +88,12 @@ class BlockDataset(torch.utils.data.Dataset):
 
 
 def make_loader(dataset, sampler, collator, num_workers: int = 0):
+    # A private generator: creating an iterator must not draw from the global RNG, or a resumed run
+    # (which creates one right after restoring the RNG state) would see different dropout masks.
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers, pin_memory=False
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collator,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(0),
     )

@@ -1,0 +1,133 @@
+"""End-to-end pretraining on real text with tiny models: loss, outputs, reload, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import run_cli, tiny_bert_recipe, tiny_gpt_recipe
+
+import toolkit
+from toolkit.engine.tracking import read_metrics
+
+EXPECTED_BERT_FILES = {
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "recipe.yaml",
+    "README.md",
+    "metrics.jsonl",
+    "checkpoints",
+}
+
+
+def _train_losses(output_dir) -> list[float]:
+    return [m["loss"] for m in read_metrics(output_dir) if "loss" in m]
+
+
+def test_cli_mlm_run_lowers_loss_and_saves_a_loadable_model(tmp_path, corpus_dir):
+    import yaml
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_bert_recipe(tmp_path / "out", corpus_dir)))
+    proc = run_cli("pretrain", str(recipe), "training.max_steps=30", "training.eval_steps=15")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == EXPECTED_BERT_FILES
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-30"]
+
+    metrics = read_metrics(out)
+    evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
+    assert len(evals) == 3  # before training, step 15, step 30
+    assert evals[-1] < evals[0] - 0.5
+    losses = _train_losses(out)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+    # The saved folder is plain transformers: same logits as the last checkpoint's weights.
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForMaskedLM.from_pretrained(out).eval()
+    from safetensors.torch import load_file
+
+    state = load_file(out / "checkpoints" / "checkpoint-30" / "model.safetensors")
+    in_memory = AutoModelForMaskedLM.from_config(model.config).eval()
+    missing = in_memory.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=False)
+    assert not [k for k in missing.missing_keys if "decoder" not in k]  # the decoder is tied to the embeddings
+    in_memory.tie_weights()
+    batch = tok(["to be or not to be, that is the question"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, in_memory(**batch).logits, rtol=0, atol=1e-5)
+    assert "validation metrics" in (out / "README.md").read_text().lower()
+
+
+def test_python_api_clm_and_in_memory_logits(tmp_path, corpus_dir):
+    from transformers import AutoModelForCausalLM
+
+    result = toolkit.pretrain(tiny_gpt_recipe(tmp_path / "gpt", corpus_dir), training__max_steps=20)
+    assert result.output_dir == tmp_path / "gpt"
+    assert result.metrics["eval_loss"] < result.metrics["initial_eval_loss"]
+    assert result.metrics["steps"] == 20
+    model = AutoModelForCausalLM.from_pretrained(result.output_dir).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        logits = model(ids).logits
+        torch.testing.assert_close(logits, result.model.eval()(ids).logits, rtol=0, atol=1e-5)
+    assert logits.shape == (1, 5, model.config.vocab_size)
+    assert {p.name for p in result.output_dir.iterdir()} >= {"generation_config.json", "model.safetensors"}
+
+
+def test_resume_from_step_10_equals_uninterrupted_20(tmp_path, corpus_dir, wordpiece_dir):
+    training = dict(max_steps=20, save_steps=10, save_total_limit=5, lr_scheduler_type="linear")
+    recipe = tiny_bert_recipe(tmp_path / "a", corpus_dir, wordpiece_dir, **training)
+    recipe["model"]["config_overrides"].update(hidden_dropout_prob=0.1)  # RNG state must be restored too
+    full = toolkit.pretrain(recipe)
+    straight = _train_losses(full.output_dir)
+    final_state = _weights(full.output_dir)
+
+    # Simulate a crash after the step-10 checkpoint: drop everything written after it.
+    shutil.rmtree(full.output_dir / "checkpoints" / "checkpoint-20")
+    (full.output_dir / "model.safetensors").unlink()
+    resumed = toolkit.pretrain(recipe, training__resume_from_checkpoint="auto")
+    assert _train_losses(resumed.output_dir) == pytest.approx(straight, abs=1e-6)
+    for k, v in _weights(resumed.output_dir).items():
+        torch.testing.assert_close(v, final_state[k], rtol=0, atol=1e-6)
+
+
+def test_extending_a_finished_run_equals_a_longer_run(tmp_path, corpus_dir, wordpiece_dir):
+    constant = dict(lr_scheduler_type="constant", warmup_steps=0)
+    short = tiny_bert_recipe(tmp_path / "ext", corpus_dir, wordpiece_dir, max_steps=10, **constant)
+    toolkit.pretrain(short)
+    extended = toolkit.pretrain(short, training__max_steps=20, training__resume_from_checkpoint="auto")
+    straight = toolkit.pretrain(
+        tiny_bert_recipe(tmp_path / "straight", corpus_dir, wordpiece_dir, max_steps=20, **constant)
+    )
+    assert extended.metrics["steps"] == 20
+    assert _train_losses(extended.output_dir) == pytest.approx(_train_losses(straight.output_dir), abs=1e-6)
+    a, b = _weights(extended.output_dir), _weights(straight.output_dir)
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_second_run_reuses_the_tokenized_cache(tmp_path, corpus_dir, wordpiece_dir, capsys):
+    recipe = tiny_bert_recipe(tmp_path / "c1", corpus_dir, wordpiece_dir, max_steps=1, eval_on_start=False)
+    recipe["data"]["max_seq_length"] = 40  # a setting no other test uses: the first run must tokenize
+    toolkit.pretrain(recipe)
+    assert "corpus: " in capsys.readouterr().out
+    recipe["output_dir"] = str(tmp_path / "c2")
+    toolkit.pretrain(recipe)
+    assert "corpus (cached): " in capsys.readouterr().out
+
+
+def _weights(output_dir) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(output_dir / "model.safetensors")
+
+
+def test_metrics_jsonl_is_json_lines(tmp_path, corpus_dir, wordpiece_dir):
+    result = toolkit.pretrain(tiny_bert_recipe(tmp_path / "m", corpus_dir, wordpiece_dir, max_steps=3))
+    for line in (result.output_dir / "metrics.jsonl").read_text().splitlines():
+        assert "step" in json.loads(line)
