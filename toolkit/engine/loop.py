@@ -23,14 +23,11 @@ from pathlib import Path
 
 import torch
 
-from toolkit.data.loader import BlockDataset, GlobalBatchSampler, ShardSampler, make_loader
+from toolkit.data.loader import GlobalBatchSampler, ShardSampler, make_loader
 from toolkit.engine import checkpoint
 from toolkit.engine.optim import make_optimizer, make_scheduler
 from toolkit.engine.tracking import MetricsLog
 from toolkit.errors import ToolkitError
-
-# What must not change between a checkpoint and its resume (the data order depends on them).
-RESUME_INVARIANTS = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "train_blocks")
 
 
 @dataclass
@@ -45,6 +42,7 @@ class Job:
     output_dir: Path
     write_extras: Callable[[Path], None] = lambda folder: None  # recipe + tokenizer beside checkpoints
     tracker_config: dict = field(default_factory=dict)
+    name: str = "pretrain"  # progress bar and tracker run name
 
 
 def make_accelerator(t, output_dir: Path):
@@ -84,6 +82,7 @@ class MicroBatches:
 
     def __init__(self, sampler: GlobalBatchSampler, loader, collator, start: int):
         self.sampler, self.loader, self.collator = sampler, loader, collator
+        self.dataset = loader.dataset
         self.epoch, self.offset = divmod(start, len(sampler))
         self.iterator = None
 
@@ -91,6 +90,8 @@ class MicroBatches:
         if self.iterator is None:
             self.sampler.set_epoch(self.epoch, start=self.offset)
             self.collator.epoch = self.epoch
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(self.epoch)
             self.iterator = iter(self.loader)
         try:
             return next(self.iterator)
@@ -141,13 +142,14 @@ def eval_loader(job: Job, accelerator, seed: int):
     if job.eval_data is None:
         return None
     collator = job.objective.make_collator(job.tokenizer, seed, salt="eval")
+    dataset = job.objective.make_dataset(job.eval_data, split="eval")
     sampler = ShardSampler(
-        len(job.eval_data),
+        len(dataset),
         job.training.per_device_eval_batch_size,
         accelerator.num_processes,
         accelerator.process_index,
     )
-    return make_loader(BlockDataset(job.eval_data), sampler, collator)
+    return make_loader(dataset, sampler, collator)
 
 
 def train(job: Job, accelerator, resume: Path | None = None):
@@ -157,16 +159,17 @@ def train(job: Job, accelerator, resume: Path | None = None):
     main = accelerator.is_main_process
 
     # ---- data: global batches sliced per process, masking seeded per example -------------------
-    sampler = GlobalBatchSampler(len(job.train_data), t.per_device_train_batch_size, world, rank, t.seed)
+    dataset = objective.make_dataset(job.train_data, split="train")
+    sampler = GlobalBatchSampler(len(dataset), t.per_device_train_batch_size, world, rank, t.seed)
     if len(sampler) < accum:
         raise ToolkitError(
-            f"the training corpus has {len(job.train_data)} blocks, fewer than one optimizer step needs "
+            f"the training data has {len(dataset)} examples, fewer than one optimizer step needs "
             f"({t.per_device_train_batch_size} x {world} processes x {accum} accumulation steps): add text or "
             "lower training.per_device_train_batch_size / gradient_accumulation_steps"
         )
     steps = total_steps(t, len(sampler))
     collator = objective.make_collator(job.tokenizer, t.seed)
-    loader = make_loader(BlockDataset(job.train_data), sampler, collator, t.dataloader_num_workers)
+    loader = make_loader(dataset, sampler, collator, t.dataloader_num_workers)
     evals = eval_loader(job, accelerator, t.seed)
 
     # ---- model, optimizer and schedule, wrapped for the launch (DDP, DeepSpeed, ...) -----------
@@ -184,7 +187,7 @@ def train(job: Job, accelerator, resume: Path | None = None):
         "per_device_train_batch_size": t.per_device_train_batch_size,
         "gradient_accumulation_steps": accum,
         "seed": t.seed,
-        "train_blocks": len(job.train_data),
+        "train_examples": len(dataset),
     }
     if resume is not None:
         state = checkpoint.read_state(resume)
@@ -197,7 +200,7 @@ def train(job: Job, accelerator, resume: Path | None = None):
         accelerator.load_state(str(resume))
         step, tokens_seen, elapsed = state["step"], state["tokens_seen"], state.get("train_seconds", 0.0)
     if accelerator.trackers == [] and t.report_to:
-        accelerator.init_trackers("pretrain", config=job.tracker_config)
+        accelerator.init_trackers(job.name, config=job.tracker_config)
     log = MetricsLog(job.output_dir, accelerator, resume_step=step if resume is not None else None)
     stream = MicroBatches(sampler, loader, collator, start=step * accum)
     if main:
@@ -224,7 +227,7 @@ def train(job: Job, accelerator, resume: Path | None = None):
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps, initial=step, disable=not main, desc="pretrain", dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=step, disable=not main, desc=job.name, dynamic_ncols=True)
     model.train()
     interval: dict = {}
     grad_norms: list[float] = []  # the same on every process: norms of synchronised gradients

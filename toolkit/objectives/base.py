@@ -72,6 +72,14 @@ class Objective(nn.Module):
         """Whether packed blocks must carry word-start flags (whole-word masking)."""
         return False
 
+    def make_dataset(self, hf_dataset, split: str = "train"):
+        """The torch Dataset the engine samples from: indexable, `__getitems__(indices)` returns a
+        dict of tensors with an `idx` entry. Packed blocks by default; an objective whose examples
+        change per epoch gives a dataset with `set_epoch(epoch)` and a fixed length."""
+        from toolkit.data.loader import BlockDataset
+
+        return BlockDataset(hf_dataset)
+
     def make_collator(self, tokenizer, seed: int, salt: str = "train"):
         raise NotImplementedError
 
