@@ -43,9 +43,14 @@ def test_recipe_folder_is_walked_recursively():
 
 def test_overrides_are_parsed_as_yaml_and_win_over_the_file():
     tree = parse_overrides(["training.max_steps=20", "data.train_files=[a.txt,b.txt]", "model.config_overrides={x: 1}"])
-    assert tree == {"training": {"max_steps": 20}, "data": {"train_files": ["a.txt", "b.txt"]},
-                    "model": {"config_overrides": {"x": 1}}}
-    r = load_recipe(PretrainRecipe, REPO / "recipes" / "bert-mlm.yaml", ["training.max_steps=7", "training.learning_rate=1e-4"])
+    assert tree == {
+        "training": {"max_steps": 20},
+        "data": {"train_files": ["a.txt", "b.txt"]},
+        "model": {"config_overrides": {"x": 1}},
+    }
+    r = load_recipe(
+        PretrainRecipe, REPO / "recipes" / "bert-mlm.yaml", ["training.max_steps=7", "training.learning_rate=1e-4"]
+    )
     assert r.training.max_steps == 7 and r.training.learning_rate == 1e-4
     assert r.model.architecture == "bert"  # from the file
     assert r.training.per_device_eval_batch_size == 64  # a default
@@ -109,8 +114,12 @@ def test_binary_file(tmp_path):
 
 def test_corpus_too_small_for_one_block_from_the_cli(tmp_path, wordpiece_dir):
     (tmp_path / "tiny.txt").write_text("a few words only\n\nand a second tiny document\n\nthird one")
-    msg = _bad_run(tmp_path, f"data.train_files=[{tmp_path}/tiny.txt]", f"tokenizer.path={wordpiece_dir}",
-                   "data.validation_split_percentage=0")
+    msg = _bad_run(
+        tmp_path,
+        f"data.train_files=[{tmp_path}/tiny.txt]",
+        f"tokenizer.path={wordpiece_dir}",
+        "data.validation_split_percentage=0",
+    )
     assert "fewer than one block" in msg
 
 
@@ -134,8 +143,17 @@ def test_an_existing_run_is_not_overwritten(tmp_path, corpus_dir, wordpiece_dir)
 
 
 def test_tokenizer_and_evaluate_commands(tmp_path, corpus_dir):
-    proc = run_cli("tokenizer", "--files", str(corpus_dir), "--kind", "bpe", "--vocab-size", "500",
-                   "--output", str(tmp_path / "tok"))
+    proc = run_cli(
+        "tokenizer",
+        "--files",
+        str(corpus_dir),
+        "--kind",
+        "bpe",
+        "--vocab-size",
+        "500",
+        "--output",
+        str(tmp_path / "tok"),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     from transformers import AutoTokenizer
 
@@ -145,9 +163,16 @@ def test_tokenizer_and_evaluate_commands(tmp_path, corpus_dir):
     import toolkit
 
     result = toolkit.pretrain(tiny_bert_recipe(tmp_path / "m", corpus_dir, max_steps=3, eval_on_start=False))
-    proc = run_cli("evaluate", "--model", str(result.output_dir), "--files", str(corpus_dir / "hamlet_gut.txt"),
-                   "--max-seq-length", "32")
+    proc = run_cli(
+        "evaluate",
+        "--model",
+        str(result.output_dir),
+        "--files",
+        str(corpus_dir / "hamlet_gut.txt"),
+        "--max-seq-length",
+        "32",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    metrics = json.loads(proc.stdout[proc.stdout.index("{"):])
+    metrics = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert metrics["objective"] == "mlm" and metrics["blocks"] > 10
     assert 0 < metrics["loss"] < 10 and metrics["perplexity"] > 1

@@ -6,7 +6,14 @@ Python API (each returns the output folder and final metrics):
     result = toolkit.pretrain("recipes/bert-mlm.yaml", training__max_steps=50)
 """
 
+import logging as _logging
+
 __version__ = "0.1.0"
+
+# transformers imports torchao when it is installed; on a machine without its CUDA kernels that
+# prints load failures and deprecation notices that say nothing about the user's run.
+for _name in ("torchao", "torch.utils._pytree"):
+    _logging.getLogger(_name).setLevel(_logging.ERROR)
 
 
 def pretrain(recipe=None, overrides=None, **kwargs):

@@ -231,8 +231,9 @@ def train(job: Job, accelerator, resume: Path | None = None):
     model.train()
     interval: dict = {}
     grad_norms: list[float] = []  # the same on every process: norms of synchronised gradients
-    interval_start, interval_tokens = time.perf_counter(), 0
+    interval_seconds, interval_tokens = 0.0, 0  # training time only: evaluation and saving excluded
     while step < steps:
+        step_start = time.perf_counter()
         # 1. one optimizer step of micro-batches; loss items counted over every process
         micro = [to_device(next(stream), accelerator.device) for _ in range(accum)]
         counts: dict = {}
@@ -253,21 +254,22 @@ def train(job: Job, accelerator, resume: Path | None = None):
             add_into(interval, "loss/", losses)
             add_into(interval, "", stats)
             interval_tokens += batch["input_ids"].numel() * world
+            tokens_seen += batch["input_ids"].numel() * world
         add_into(interval, "count/", counts)
         scheduler.step()
         step += 1
+        seconds = time.perf_counter() - step_start
+        interval_seconds += seconds
+        elapsed += seconds
         bar.update(1)
 
         # 3. log, evaluate and checkpoint when due
         if step % t.logging_steps == 0 or step == steps:
             totals = reduce_totals(accelerator, interval)
-            seconds = time.perf_counter() - interval_start
-            elapsed += seconds
-            tokens_seen += interval_tokens
             values = objective.metrics(totals)
             values.update(
                 learning_rate=scheduler.get_last_lr()[0],
-                tokens_per_second=interval_tokens / max(seconds, 1e-9),
+                tokens_per_second=interval_tokens / max(interval_seconds, 1e-9),
                 tokens_seen=tokens_seen,
                 epoch=step * accum / len(sampler),
             )
@@ -276,7 +278,7 @@ def train(job: Job, accelerator, resume: Path | None = None):
             log.log(step, values)
             bar.set_postfix(loss=f"{values['loss']:.4f}")
             history["train"] = values
-            interval, grad_norms, interval_start, interval_tokens = {}, [], time.perf_counter(), 0
+            interval, grad_norms, interval_seconds, interval_tokens = {}, [], 0.0, 0
         if evals is not None and ((t.eval_steps and step % t.eval_steps == 0) or step == steps):
             history["eval"] = evaluate(model, objective, evals, accelerator, t.max_eval_batches)
             log.log(step, {f"eval_{k}": v for k, v in history["eval"].items()})
