@@ -1,0 +1,68 @@
+"""The same run split three ways gives the same loss curve: 2 processes x batch b, 1 process x batch
+2b, 1 process x batch b x 2 accumulation steps (dropout off; masking seeded per example)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO, run_cli, tiny_bert_recipe
+
+from toolkit.engine.checkpoint import complete_checkpoints, read_state
+from toolkit.engine.tracking import read_metrics
+
+
+def _losses(out) -> list[float]:
+    return [m["loss"] for m in read_metrics(out) if "loss" in m]
+
+
+def launch_two_processes(*args: str) -> subprocess.CompletedProcess:
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "1"}
+    cmd = [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        "29533",
+        "-m",
+        "toolkit",
+        *args,
+    ]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.multiproc
+def test_two_processes_equal_one_process_with_double_batch_and_with_accumulation(tmp_path, corpus_dir, wordpiece_dir):
+    recipe = tiny_bert_recipe(
+        tmp_path / "unused", corpus_dir, wordpiece_dir, max_steps=8, per_device_train_batch_size=4, eval_on_start=False
+    )
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+
+    ddp = launch_two_processes("pretrain", str(path), f"output_dir={tmp_path / 'ddp'}")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert read_state(complete_checkpoints(tmp_path / "ddp")[-1][1])["world_size"] == 2
+    big = run_cli("pretrain", str(path), f"output_dir={tmp_path / 'big'}", "training.per_device_train_batch_size=8")
+    acc = run_cli("pretrain", str(path), f"output_dir={tmp_path / 'acc'}", "training.gradient_accumulation_steps=2")
+    assert big.returncode == 0 and acc.returncode == 0, big.stderr[-2000:] + acc.stderr[-2000:]
+
+    reference = _losses(tmp_path / "big")
+    assert len(reference) == 8 and reference[-1] < reference[0]
+    for name in ("ddp", "acc"):
+        other = _losses(tmp_path / name)
+        diffs = [abs(a - b) for a, b in zip(other, reference)]
+        assert len(other) == 8
+        assert max(diffs) < 1e-4, (name, diffs)  # largest per-step difference
+        assert sum(diffs) / len(diffs) < 2e-5, (name, diffs)  # mean difference
+    summary = json.loads((tmp_path / "ddp" / "checkpoints").joinpath("checkpoint-8", "trainer_state.json").read_text())
+    assert summary["tokens_seen"] == 8 * 8 * 32
