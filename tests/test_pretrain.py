@@ -131,3 +131,22 @@ def test_metrics_jsonl_is_json_lines(tmp_path, corpus_dir, wordpiece_dir):
     result = toolkit.pretrain(tiny_bert_recipe(tmp_path / "m", corpus_dir, wordpiece_dir, max_steps=3))
     for line in (result.output_dir / "metrics.jsonl").read_text().splitlines():
         assert "step" in json.loads(line)
+
+
+def test_continue_from_a_checkpoint_folder_starts_where_it_ended(tmp_path, corpus_dir, wordpiece_dir):
+    first = toolkit.pretrain(tiny_bert_recipe(tmp_path / "first", corpus_dir, wordpiece_dir, max_steps=15))
+    recipe = tiny_bert_recipe(tmp_path / "second", corpus_dir, max_steps=2)
+    recipe["model"] = {"model_name_or_path": str(first.output_dir)}
+    second = toolkit.pretrain(recipe)
+    # same weights, same tokenizer (taken from the folder), same validation blocks and masks
+    assert second.metrics["initial_eval_loss"] == pytest.approx(first.metrics["eval_loss"], abs=1e-5)
+
+
+def test_bf16_and_tensorboard(tmp_path, corpus_dir, wordpiece_dir):
+    recipe = tiny_bert_recipe(
+        tmp_path / "bf16", corpus_dir, wordpiece_dir, max_steps=3, mixed_precision="bf16", report_to=["tensorboard"]
+    )
+    result = toolkit.pretrain(recipe)
+    assert result.metrics["eval_loss"] < result.metrics["initial_eval_loss"] + 0.05
+    events = list((result.output_dir / "runs").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

@@ -52,6 +52,9 @@ def evaluate_model(
     objective = objective_cls(hf_model, ObjectiveArgs(name=name))
     from accelerate import Accelerator
 
+    from toolkit.engine.loop import reset_accelerate_state
+
+    reset_accelerate_state()
     accelerator = Accelerator()
     loader = make_loader(
         BlockDataset(blocks.train),

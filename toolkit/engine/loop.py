@@ -45,12 +45,23 @@ class Job:
     name: str = "pretrain"  # progress bar and tracker run name
 
 
+def reset_accelerate_state() -> None:
+    """Accelerate keeps one global state per process, but the Python API may run several jobs in
+    one process (a comparison of fine-tuning modes, say), each with its own precision and
+    accumulation. Clear it before each job; the process group (PartialState) is kept."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
 def make_accelerator(t, output_dir: Path):
     from accelerate import Accelerator, InitProcessGroupKwargs
     from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
 
     if t.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ToolkitError("training.mixed_precision=fp16 needs a CUDA GPU: use bf16 or no on this machine")
+    reset_accelerate_state()
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     # Several processes on CPU talk over gloo (DeepSpeed under accelerate needs to be told so).
     handlers = [InitProcessGroupKwargs(backend="gloo")] if launched > 1 and not torch.cuda.is_available() else []
