@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from conftest import run_cli, tiny_bert_recipe, tiny_gpt_recipe
 
 import toolkit
+import toolkit.errors
 from toolkit.engine.tracking import read_metrics
 
 EXPECTED_BERT_FILES = {
@@ -150,3 +152,34 @@ def test_bf16_and_tensorboard(tmp_path, corpus_dir, wordpiece_dir):
     assert result.metrics["eval_loss"] < result.metrics["initial_eval_loss"] + 0.05
     events = list((result.output_dir / "runs").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_checkpoints_rotate_and_auto_resume_skips_incomplete_ones(tmp_path, corpus_dir, wordpiece_dir):
+    from toolkit.engine.checkpoint import complete_checkpoints, resolve_resume
+
+    recipe = tiny_bert_recipe(
+        tmp_path / "rot", corpus_dir, wordpiece_dir, max_steps=6, save_steps=2, save_total_limit=2, eval_on_start=False
+    )
+    result = toolkit.pretrain(recipe)
+    assert [step for step, _ in complete_checkpoints(result.output_dir)] == [4, 6]
+    # A checkpoint folder without its state file (a crash while writing) is never picked.
+    broken = result.output_dir / "checkpoints" / "checkpoint-8"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"partial")
+    (result.output_dir / "checkpoints" / ".tmp-checkpoint-10").mkdir()
+    assert resolve_resume(result.output_dir, "auto").name == "checkpoint-6"
+    with pytest.raises(toolkit.errors.ToolkitError, match="not a complete checkpoint"):
+        resolve_resume(result.output_dir, str(broken))
+
+
+def test_num_train_epochs_sets_the_number_of_steps(tmp_path, corpus_dir, wordpiece_dir):
+    recipe = tiny_bert_recipe(
+        tmp_path / "ep", corpus_dir, wordpiece_dir, max_steps=-1, num_train_epochs=0.05, eval_on_start=False
+    )
+    result = toolkit.pretrain(recipe)
+    blocks = int(
+        json.loads((result.output_dir / "checkpoints").glob("checkpoint-*/trainer_state.json").__next__().read_text())[
+            "train_examples"
+        ]
+    )
+    assert result.metrics["steps"] == math.ceil(0.05 * (blocks // 8))
