@@ -59,7 +59,7 @@ def write_model_card(folder: Path, recipe, stats: dict, metrics: dict) -> None:
         "",
         "## Use",
         "```python",
-        USAGE.get(objective.auto_class, "").format(path=recipe.output_dir),
+        (objective.usage or USAGE.get(objective.auto_class, "")).format(path=recipe.output_dir),
         "```",
         "",
         "## Recipe",

@@ -166,8 +166,14 @@ class ObjectiveArgs:
 
     name: str = _help("Pretraining objective: mlm or clm.", default="mlm")
     mlm_probability: float = _help("Share of tokens selected for masking.", default=0.15)
-    mask_replace_prob: float = _help("Share of selected tokens replaced by [MASK].", default=0.8)
-    random_replace_prob: float = _help("Share of selected tokens replaced by a random token.", default=0.1)
+    mask_replace_prob: float | None = _help(
+        "Share of selected tokens replaced by [MASK]; unset: the objective's own (0.8 for BERT).",
+        default=None,
+    )
+    random_replace_prob: float | None = _help(
+        "Share of selected tokens replaced by a random token; unset: the objective's own (0.1 for BERT).",
+        default=None,
+    )
     whole_word_mask: bool = _help("Mask whole words rather than single word pieces.", default=False)
 
 
@@ -208,7 +214,8 @@ class PretrainRecipe:
             raise ToolkitError(f"tokenizer.vocab_size={self.tokenizer.vocab_size} is too small: use at least 100")
         if not 0 < o.mlm_probability < 1:
             raise ToolkitError(f"objective.mlm_probability={o.mlm_probability} must be between 0 and 1")
-        if o.mask_replace_prob < 0 or o.random_replace_prob < 0 or o.mask_replace_prob + o.random_replace_prob > 1:
+        mask_prob, random_prob = OBJECTIVES[o.name].replacement_probs(o)
+        if mask_prob < 0 or random_prob < 0 or mask_prob + random_prob > 1:
             raise ToolkitError(
                 "objective.mask_replace_prob and objective.random_replace_prob must be >= 0 and sum to at most 1"
             )
