@@ -162,9 +162,10 @@ class DataArgs:
 
 @dataclass
 class ObjectiveArgs:
-    """What the model learns: mlm (masked LM) or clm (causal LM)."""
+    """What the model learns: mlm (masked LM), clm (causal LM), mlm+nsp or nsp (BERT's next-sentence
+    prediction, with or without masked LM)."""
 
-    name: str = _help("Pretraining objective: mlm or clm.", default="mlm")
+    name: str = _help("Pretraining objective: mlm, clm, mlm+nsp or nsp.", default="mlm")
     mlm_probability: float = _help("Share of tokens selected for masking.", default=0.15)
     mask_replace_prob: float | None = _help(
         "Share of selected tokens replaced by [MASK]; unset: the objective's own (0.8 for BERT).",
@@ -175,6 +176,15 @@ class ObjectiveArgs:
         default=None,
     )
     whole_word_mask: bool = _help("Mask whole words rather than single word pieces.", default=False)
+    # next-sentence prediction (nsp, mlm+nsp)
+    short_seq_prob: float = _help(
+        "NSP: share of sentence pairs filled to a random shorter length instead of data.max_seq_length (BERT: 0.1).",
+        default=0.1,
+    )
+    pair_sampling: str = _help(
+        "NSP: dynamic (sentence pairs drawn anew every epoch) or static (the same pairs every epoch).",
+        default="dynamic",
+    )
 
 
 @dataclass

@@ -6,10 +6,13 @@ Adding one: subclass `Objective` (collator + head + loss + metrics) and register
 from toolkit.objectives.base import Objective
 from toolkit.objectives.clm import CausalLM
 from toolkit.objectives.mlm import MaskedLM
+from toolkit.objectives.nsp import MaskedLMWithNSP, NextSentencePrediction
 
 OBJECTIVES: dict[str, type[Objective]] = {
     MaskedLM.name: MaskedLM,
     CausalLM.name: CausalLM,
+    MaskedLMWithNSP.name: MaskedLMWithNSP,
+    NextSentencePrediction.name: NextSentencePrediction,
 }
 
 __all__ = ["OBJECTIVES", "Objective"]
