@@ -30,6 +30,7 @@ def _print_summary(output_dir, metrics: dict) -> None:
         return
     print(f"\nsaved to {output_dir}")
     keys = ("loss", "perplexity", "mlm_accuracy", "next_token_accuracy", "nsp_accuracy")
+    keys += ("generator_accuracy", "discriminator_accuracy", "replaced_precision", "replaced_recall")
     for key in keys:
         before, after = metrics.get(f"initial_eval_{key}"), metrics.get(f"eval_{key}")
         if after is not None:

@@ -36,7 +36,7 @@ def _help(text: str, **kw):
 class ModelArgs:
     """Which model to train: built from a size preset, or continued from a checkpoint folder."""
 
-    architecture: str = _help("Model family built from scratch: bert or gpt2.", default="bert")
+    architecture: str = _help("Model family built from scratch: bert, gpt2 or electra.", default="bert")
     size: str = _help("Size preset (BERT family dimensions): tiny, mini, small, medium, base, large.", default="mini")
     model_name_or_path: str | None = _help(
         "A local Hugging Face checkpoint folder to continue from instead of a fresh model.", default=None
@@ -163,16 +163,16 @@ class DataArgs:
 @dataclass
 class ObjectiveArgs:
     """What the model learns: mlm (masked LM), clm (causal LM), mlm+nsp or nsp (BERT's next-sentence
-    prediction, with or without masked LM)."""
+    prediction, with or without masked LM), or rtd (ELECTRA's replaced-token detection)."""
 
-    name: str = _help("Pretraining objective: mlm, clm, mlm+nsp or nsp.", default="mlm")
+    name: str = _help("Pretraining objective: mlm, clm, mlm+nsp, nsp or rtd.", default="mlm")
     mlm_probability: float = _help("Share of tokens selected for masking.", default=0.15)
     mask_replace_prob: float | None = _help(
-        "Share of selected tokens replaced by [MASK]; unset: the objective's own (0.8 for BERT).",
+        "Share of selected tokens replaced by [MASK]; unset: the objective's own (0.8 for BERT, 0.85 for rtd).",
         default=None,
     )
     random_replace_prob: float | None = _help(
-        "Share of selected tokens replaced by a random token; unset: the objective's own (0.1 for BERT).",
+        "Share of selected tokens replaced by a random token; unset: the objective's own (0.1 for BERT, 0 for rtd).",
         default=None,
     )
     whole_word_mask: bool = _help("Mask whole words rather than single word pieces.", default=False)
@@ -184,6 +184,15 @@ class ObjectiveArgs:
     pair_sampling: str = _help(
         "NSP: dynamic (sentence pairs drawn anew every epoch) or static (the same pairs every epoch).",
         default="dynamic",
+    )
+    # replaced-token detection (rtd, ELECTRA)
+    generator_hidden_fraction: float = _help(
+        "rtd: generator hidden size as a fraction of the discriminator's (ELECTRA: 1/4; heads = hidden / 64).",
+        default=0.25,
+    )
+    discriminator_weight: float = _help(
+        "rtd: weight of the discriminator loss against the generator's masked-LM loss (ELECTRA: 50).",
+        default=50.0,
     )
 
 
