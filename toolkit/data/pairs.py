@@ -424,30 +424,31 @@ class SentencePairs(torch.utils.data.Dataset):
         doc_end = int(docs[doc + 1])
         is_random_next = rng.random() < 0.5
 
-        # A: consecutive segments from the anchor up to the target (at least two when B follows).
+        # A chunk of consecutive segments from the anchor up to the target (at least two for IsNext);
+        # A is a random non-empty prefix of it, and for IsNext B is the rest.
         end = start + 1
         while end < doc_end and (length(start, end) < target or (not is_random_next and end - start < 2)):
             end += 1
-        split = rng.randint(start + 1, end - 1) if end - start >= 2 else end
+        a_end = rng.randint(start + 1, end - 1) if end - start >= 2 else end
         if is_random_next:
             other = rng.randrange(len(docs) - 2)  # any document but this one
             doc_b = other + (other >= doc)
             b_start = rng.randrange(int(docs[doc_b]), int(docs[doc_b + 1]))
             b_end, b_doc_end = b_start + 1, int(docs[doc_b + 1])
-            target_b = max(1, target - length(start, split))
+            target_b = max(1, target - length(start, a_end))
             while b_end < b_doc_end and length(b_start, b_end) < target_b:
                 b_end += 1
         else:
-            doc_b, b_start, b_end = doc, split, end
+            doc_b, b_start, b_end = doc, a_end, end
 
-        len_a, len_b = length(start, split), length(b_start, b_end)
+        len_a, len_b = length(start, a_end), length(b_start, b_end)
         a_front, a_back, b_front, b_back = truncate_pair(rng, len_a, len_b, self.max_tokens)
         ta, tb = int(offsets[start]), int(offsets[b_start])
         return Pair(
             label=int(is_random_next),
             doc_a=doc,
             doc_b=doc_b,
-            segments_a=(start, split),
+            segments_a=(start, a_end),
             segments_b=(b_start, b_end),
             tokens_a=(ta + a_front, ta + len_a - a_back),
             tokens_b=(tb + b_front, tb + len_b - b_back),
