@@ -42,8 +42,13 @@ def write_model_card(folder: Path, recipe, stats: dict, metrics: dict) -> None:
         "",
         "## Data",
         f"- training files: {', '.join(map(str, d.train_files))}",
-        f"- {train.get('documents', '?')} documents, {train.get('tokens', '?')} tokens, packed into "
-        f"{train.get('blocks', '?')} blocks of {d.max_seq_length} tokens",
+        f"- {train.get('documents', '?')} documents, {train.get('tokens', '?')} tokens, "
+        + (
+            f"packed into {train.get('blocks', '?')} blocks of {d.max_seq_length} tokens"
+            if "examples" not in train
+            else f"{train['segments']} sentences -> {train['examples']} sentence pairs per epoch "
+            f"({recipe.objective.pair_sampling}) of at most {d.max_seq_length} tokens"
+        ),
         f"- validation: {', '.join(map(str, d.validation_files)) if d.validation_files else f'{d.validation_split_percentage}% of documents held out (seed {t.seed})'}",
         "",
         "## Training",
@@ -59,7 +64,7 @@ def write_model_card(folder: Path, recipe, stats: dict, metrics: dict) -> None:
         "",
         "## Use",
         "```python",
-        USAGE.get(objective.auto_class, "").format(path=recipe.output_dir),
+        (objective.usage or USAGE.get(objective.auto_class, "")).format(path=recipe.output_dir),
         "```",
         "",
         "## Recipe",

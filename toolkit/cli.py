@@ -29,7 +29,9 @@ def _print_summary(output_dir, metrics: dict) -> None:
     if os.environ.get("RANK", "0") != "0":
         return
     print(f"\nsaved to {output_dir}")
-    for key in ("loss", "perplexity", "mlm_accuracy", "next_token_accuracy"):
+    keys = ("loss", "perplexity", "mlm_accuracy", "next_token_accuracy", "nsp_accuracy")
+    keys += ("generator_accuracy", "discriminator_accuracy", "replaced_precision", "replaced_recall")
+    for key in keys:
         before, after = metrics.get(f"initial_eval_{key}"), metrics.get(f"eval_{key}")
         if after is not None:
             prefix = f"{before:.4f} -> " if before is not None else ""

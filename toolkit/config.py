@@ -36,7 +36,7 @@ def _help(text: str, **kw):
 class ModelArgs:
     """Which model to train: built from a size preset, or continued from a checkpoint folder."""
 
-    architecture: str = _help("Model family built from scratch: bert or gpt2.", default="bert")
+    architecture: str = _help("Model family built from scratch: bert, gpt2 or electra.", default="bert")
     size: str = _help("Size preset (BERT family dimensions): tiny, mini, small, medium, base, large.", default="mini")
     model_name_or_path: str | None = _help(
         "A local Hugging Face checkpoint folder to continue from instead of a fresh model.", default=None
@@ -162,13 +162,38 @@ class DataArgs:
 
 @dataclass
 class ObjectiveArgs:
-    """What the model learns: mlm (masked LM) or clm (causal LM)."""
+    """What the model learns: mlm (masked LM), clm (causal LM), mlm+nsp or nsp (BERT's next-sentence
+    prediction, with or without masked LM), or rtd (ELECTRA's replaced-token detection)."""
 
-    name: str = _help("Pretraining objective: mlm or clm.", default="mlm")
+    name: str = _help("Pretraining objective: mlm, clm, mlm+nsp, nsp or rtd.", default="mlm")
     mlm_probability: float = _help("Share of tokens selected for masking.", default=0.15)
-    mask_replace_prob: float = _help("Share of selected tokens replaced by [MASK].", default=0.8)
-    random_replace_prob: float = _help("Share of selected tokens replaced by a random token.", default=0.1)
+    mask_replace_prob: float | None = _help(
+        "Share of selected tokens replaced by [MASK]; unset: the objective's own (0.8 for BERT, 0.85 for rtd).",
+        default=None,
+    )
+    random_replace_prob: float | None = _help(
+        "Share of selected tokens replaced by a random token; unset: the objective's own (0.1 for BERT, 0 for rtd).",
+        default=None,
+    )
     whole_word_mask: bool = _help("Mask whole words rather than single word pieces.", default=False)
+    # next-sentence prediction (nsp, mlm+nsp)
+    short_seq_prob: float = _help(
+        "NSP: share of sentence pairs filled to a random shorter length instead of data.max_seq_length (BERT: 0.1).",
+        default=0.1,
+    )
+    pair_sampling: str = _help(
+        "NSP: dynamic (sentence pairs drawn anew every epoch) or static (the same pairs every epoch).",
+        default="dynamic",
+    )
+    # replaced-token detection (rtd, ELECTRA)
+    generator_hidden_fraction: float = _help(
+        "rtd: generator hidden size as a fraction of the discriminator's (ELECTRA: 1/4; heads = hidden / 64).",
+        default=0.25,
+    )
+    discriminator_weight: float = _help(
+        "rtd: weight of the discriminator loss against the generator's masked-LM loss (ELECTRA: 50).",
+        default=50.0,
+    )
 
 
 @dataclass
@@ -208,7 +233,8 @@ class PretrainRecipe:
             raise ToolkitError(f"tokenizer.vocab_size={self.tokenizer.vocab_size} is too small: use at least 100")
         if not 0 < o.mlm_probability < 1:
             raise ToolkitError(f"objective.mlm_probability={o.mlm_probability} must be between 0 and 1")
-        if o.mask_replace_prob < 0 or o.random_replace_prob < 0 or o.mask_replace_prob + o.random_replace_prob > 1:
+        mask_prob, random_prob = OBJECTIVES[o.name].replacement_probs(o)
+        if mask_prob < 0 or random_prob < 0 or mask_prob + random_prob > 1:
             raise ToolkitError(
                 "objective.mask_replace_prob and objective.random_replace_prob must be >= 0 and sum to at most 1"
             )

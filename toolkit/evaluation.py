@@ -32,6 +32,11 @@ def evaluate_model(
 
     check_model_dir(str(model))
     config = transformers.AutoConfig.from_pretrained(str(model))
+    if "ElectraForPreTraining" in (config.architectures or []):
+        raise ToolkitError(
+            f"'{model}' is an ELECTRA discriminator, which has no masked-LM head: evaluate its generator "
+            f"instead ('{Path(model) / 'generator'}')"
+        )
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
     name = "clm" if causal else "mlm"
     objective_cls = OBJECTIVES[name]

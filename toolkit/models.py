@@ -2,7 +2,9 @@
 
 Sizes are the published BERT family dimensions (Turc et al., 2019, "Well-Read Students Learn
 Better"; BERT-Base/Large from Devlin et al.): layers x hidden, heads = hidden / 64, feed-forward
-= 4 x hidden. Each architecture maps them onto its own transformers config.
+= 4 x hidden. Each architecture maps them onto its own transformers config. ELECTRA (the
+discriminator; its generator is sized by the rtd objective) uses the same presets: `mini` with
+`num_hidden_layers: 12` is ELECTRA-Small, `base` and `large` are ELECTRA-Base and -Large.
 
 Attention uses PyTorch's scaled-dot-product kernel (`sdpa`): blocks are packed without padding, so
 no attention mask is passed and SDPA dispatches to its fastest (flash / memory-efficient) kernel on
@@ -38,18 +40,23 @@ class Architecture:
         heads = max(1, hidden // 64)
         if self.config_class == "GPT2Config":
             return dict(n_layer=layers, n_embd=hidden, n_head=heads, n_inner=4 * hidden, n_positions=max_positions)
-        return dict(
+        kwargs = dict(
             num_hidden_layers=layers,
             hidden_size=hidden,
             num_attention_heads=heads,
             intermediate_size=4 * hidden,
             max_position_embeddings=max_positions,
         )
+        if self.config_class == "ElectraConfig":
+            # ELECTRA-Small (hidden 256) factorises its embeddings to 128; Base and Large do not.
+            kwargs["embedding_size"] = min(hidden, 128) if hidden <= 256 else hidden
+        return kwargs
 
 
 ARCHITECTURES = {
     "bert": Architecture("BertConfig", "wordpiece", is_decoder=False),
     "gpt2": Architecture("GPT2Config", "bpe", is_decoder=True),
+    "electra": Architecture("ElectraConfig", "wordpiece", is_decoder=False),
 }
 
 

@@ -1,5 +1,6 @@
-"""Pretraining, end to end: recipe -> tokenizer -> packed blocks -> objective -> engine -> outputs.
+"""Pretraining, end to end: recipe -> tokenizer -> data -> objective -> engine -> outputs.
 
+The objective prepares its own data (packed blocks by default, sentence pairs for NSP).
 `pretrain(recipe, **overrides)` is the public function behind `toolkit pretrain`; it works the
 same under `accelerate launch` (every process runs it; the main process builds the caches first).
 """
@@ -118,7 +119,7 @@ def run(recipe: PretrainRecipe) -> PretrainResult:
     set_seed(t.seed)
     objective_cls = OBJECTIVES[recipe.objective.name]
 
-    # ---- tokenizer and packed blocks (main process first: the others then read the cache) ------
+    # ---- tokenizer and the objective's data (main process first: the others read the cache) ----
     docs_cache: dict = {}
 
     def documents():
@@ -127,24 +128,14 @@ def run(recipe: PretrainRecipe) -> PretrainResult:
             docs_cache["docs"] = block_data.split_documents(
                 d, t.seed, corpus.expand(d.train_files), corpus.expand(d.validation_files) if d.validation_files else []
             )
+            objective_cls.check_documents(recipe, *docs_cache["docs"])  # before any tokenizing
         return docs_cache["docs"]
 
     with accelerator.main_process_first():
         tokenizer = resolve_tokenizer(recipe, resume, documents)
-        data = block_data.prepare_blocks(
-            recipe.data,
-            tokenizer,
-            t.seed,
-            word_starts=objective_cls.needs_word_starts(recipe.objective),
-            documents=documents if docs_cache else None,
-        )
+        data = objective_cls.prepare_data(recipe, tokenizer, t.seed, documents)
     if accelerator.is_main_process:
-        s = data.stats
-        print(
-            f"corpus{' (cached)' if data.cache_hit else ''}: {s['train']['documents']} documents, "
-            f"{s['train']['tokens']} tokens -> {s['train']['blocks']} blocks of {s['max_seq_length']}"
-            + (f"; validation {s['validation']['blocks']} blocks" if "validation" in s else "")
-        )
+        print(data.summary())
 
     # ---- model and objective; the shared engine trains it --------------------------------------
     objective = objective_cls.from_recipe(recipe, tokenizer)

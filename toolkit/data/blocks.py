@@ -53,6 +53,14 @@ class Blocks:
     cache_hit: bool
     path: Path
 
+    def summary(self) -> str:
+        s = self.stats
+        return (
+            f"corpus{' (cached)' if self.cache_hit else ''}: {s['train']['documents']} documents, "
+            f"{s['train']['tokens']} tokens -> {s['train']['blocks']} blocks of {s['max_seq_length']}"
+            + (f"; validation {s['validation']['blocks']} blocks" if "validation" in s else "")
+        )
+
 
 def block_prefix(tokenizer) -> list[int]:
     """Encoders start every block with [CLS]; decoders need no prefix."""

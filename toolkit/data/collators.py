@@ -4,13 +4,15 @@ Masking is `transformers.DataCollatorForLanguageModeling` (15% selected, 80/10/1
 option, specials never masked, labels -100 elsewhere), driven one example at a time by a generator
 seeded from (seed, epoch, example index): the choices do not depend on the batch or process an
 example lands in, which is what makes multi-process runs and resumes reproduce a single run.
+The sentence-pair collator (NSP) adds the same masking to pairs; the ELECTRA collator adds a seed
+per example for the replacements sampled in the model's forward.
 """
 
 from __future__ import annotations
 
 import torch
 
-from toolkit.data.loader import example_generator
+from toolkit.data.loader import example_generator, example_seed
 
 
 class MaskedLMCollator:
@@ -74,3 +76,40 @@ class CausalLMCollator:
 
     def __call__(self, batch: dict) -> dict:
         return {"input_ids": batch["input_ids"], "labels": batch["input_ids"]}
+
+
+class PairCollator:
+    """Sentence pairs (already tokenized, typed and padded by the dataset) -> model inputs, with
+    masked-LM inputs and labels when the objective also masks (mlm+nsp). Padding is never masked:
+    [PAD] is a special token."""
+
+    def __init__(self, masker: MaskedLMCollator | None = None):
+        self.masker = masker
+        self.epoch = 0
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:  # the engine sets the epoch here; masking follows it
+        self._epoch = value
+        if self.masker is not None:
+            self.masker.epoch = value
+
+    def __call__(self, batch: dict) -> dict:
+        out = {k: batch[k] for k in ("input_ids", "token_type_ids", "attention_mask", "next_sentence_label")}
+        if self.masker is not None:
+            out.update(self.masker(batch))
+        return out
+
+
+class ReplacedTokenCollator(MaskedLMCollator):
+    """ELECTRA: masked-LM inputs and labels, plus one seed per example for sampling the replacements
+    in the model's forward, so that those too depend only on (seed, epoch, example index)."""
+
+    def __call__(self, batch: dict) -> dict:
+        out = super().__call__(batch)
+        seeds = [example_seed(self.seed, self.salt, self.epoch, idx, "replacements") for idx in batch["idx"].tolist()]
+        out["sample_seed"] = torch.tensor(seeds, dtype=torch.long)
+        return out

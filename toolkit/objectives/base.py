@@ -25,6 +25,8 @@ class Objective(nn.Module):
     architectures: ClassVar[tuple[str, ...]]  # model.architecture values it can train
     auto_class: ClassVar[str]  # transformers Auto class of the trained model
     loss_weights: ClassVar[dict[str, float]]  # component -> weight in the total loss
+    replacement_defaults: ClassVar[tuple[float, float]] = (0.8, 0.1)  # masking: [MASK], random token
+    usage: ClassVar[str | None] = None  # model-card snippet ("{path}" = output folder); None: by auto_class
 
     def __init__(self, model: nn.Module, args):
         super().__init__()
@@ -71,6 +73,31 @@ class Objective(nn.Module):
     def needs_word_starts(cls, args) -> bool:
         """Whether packed blocks must carry word-start flags (whole-word masking)."""
         return False
+
+    @classmethod
+    def replacement_probs(cls, args) -> tuple[float, float]:
+        """(mask_replace_prob, random_replace_prob): the recipe's, or this objective's defaults."""
+        mask, random = cls.replacement_defaults
+        return (
+            mask if args.mask_replace_prob is None else args.mask_replace_prob,
+            random if args.random_replace_prob is None else args.random_replace_prob,
+        )
+
+    # ---- data ---------------------------------------------------------------------------------
+    @classmethod
+    def check_documents(cls, recipe, train_docs, validation_docs) -> None:
+        """Rules on the documents themselves, checked as soon as they are read (before tokenizing)."""
+
+    @classmethod
+    def prepare_data(cls, recipe, tokenizer, seed: int, documents=None):
+        """The train/validation data (`.train`, `.validation`, `.stats`, `.cache_hit`, `.summary()`),
+        built once and cached. Packed blocks by default. `documents` is a zero-argument callable
+        returning the (train, validation) documents, read only when the cache misses."""
+        from toolkit.data.blocks import prepare_blocks
+
+        return prepare_blocks(
+            recipe.data, tokenizer, seed, word_starts=cls.needs_word_starts(recipe.objective), documents=documents
+        )
 
     def make_dataset(self, hf_dataset, split: str = "train"):
         """The torch Dataset the engine samples from: indexable, `__getitems__(indices)` returns a

@@ -17,8 +17,8 @@ from toolkit.objectives.base import Objective, perplexity
 def mlm_parts(model: nn.Module):
     """(encoder, head) of a masked-LM model, where the head can run on selected positions only."""
     kind = getattr(model.config, "model_type", "")
-    if kind == "bert" and hasattr(model, "cls"):
-        return model.bert, model.cls
+    if kind == "bert" and hasattr(model, "cls"):  # BertForMaskedLM and BertForPreTraining
+        return model.bert, model.cls.predictions
     if kind in ("roberta", "xlm-roberta", "camembert") and hasattr(model, "lm_head"):
         return model.roberta, model.lm_head
     if kind == "electra" and hasattr(model, "generator_lm_head"):
@@ -26,16 +26,24 @@ def mlm_parts(model: nn.Module):
     return None, None
 
 
-def masked_lm_loss(model: nn.Module, input_ids, labels, token_type_ids=None):
-    """(summed cross-entropy, number correct) over the positions whose label is not -100."""
+def masked_lm_logits(model: nn.Module, input_ids, labels, token_type_ids=None, attention_mask=None):
+    """Vocabulary logits at the positions whose label is not -100, one row per position."""
     selected = labels != -100
-    target = labels[selected]
     encoder, head = mlm_parts(model)
+    inputs = dict(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask)
     if encoder is not None:
-        hidden = encoder(input_ids=input_ids, token_type_ids=token_type_ids).last_hidden_state
-        logits = head(hidden[selected])
-    else:
-        logits = model(input_ids=input_ids, token_type_ids=token_type_ids).logits[selected]
+        return head(encoder(**inputs).last_hidden_state[selected])
+    return model(**inputs).logits[selected]
+
+
+def masked_lm_loss(model: nn.Module, input_ids, labels, token_type_ids=None, attention_mask=None):
+    """(summed cross-entropy, number correct) over the positions whose label is not -100."""
+    logits = masked_lm_logits(model, input_ids, labels, token_type_ids, attention_mask)
+    return token_loss(logits, labels[labels != -100])
+
+
+def token_loss(logits, target):
+    """(summed cross-entropy in fp32, number of correct argmax predictions)."""
     loss = F.cross_entropy(logits.float(), target, reduction="sum")
     correct = (logits.detach().argmax(-1) == target).sum()
     return loss, correct
@@ -53,9 +61,8 @@ class MaskedLM(Objective):
 
     def make_collator(self, tokenizer, seed: int, salt: str = "train"):
         a = self.args
-        return MaskedLMCollator(
-            tokenizer, a.mlm_probability, a.mask_replace_prob, a.random_replace_prob, a.whole_word_mask, seed, salt
-        )
+        mask_prob, random_prob = self.replacement_probs(a)
+        return MaskedLMCollator(tokenizer, a.mlm_probability, mask_prob, random_prob, a.whole_word_mask, seed, salt)
 
     def counts(self, batch):
         return {"mlm": (batch["labels"] != -100).sum()}
