@@ -21,7 +21,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO, tiny_bert_recipe
+from conftest import REPO, run_cli, tiny_bert_recipe
 
 from toolkit.engine.checkpoint import complete_checkpoints, read_state
 from toolkit.engine.tracking import read_metrics
@@ -120,6 +120,16 @@ def test_zero2_matches_ddp_and_resumes_on_the_same_curve(ddp_run, recipe_path):
     full = {s: v for s, v in curve(out).items() if s > 4}
     assert_same_curve(curve(resumed), full, max_diff=1e-6, mean_diff=1e-6)
     assert final_state(resumed)["skipped_steps"]["nonfinite"] == 1  # carried over from the checkpoint
+
+    # under another engine and world size: refused, naming both, before any step
+    other = run_cli(
+        "pretrain",
+        str(recipe_path),
+        f"output_dir={recipe_path.parent / 'zero2-as-single'}",
+        f"training.resume_from_checkpoint={checkpoint}",
+    )
+    assert other.returncode == 2
+    assert "world_size (2 -> 1)" in other.stderr and "engine (deepspeed-zero2 -> single)" in other.stderr
 
 
 def test_zero3_matches_ddp_and_saves_full_tied_weights(ddp_run, recipe_path):

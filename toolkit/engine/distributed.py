@@ -184,7 +184,7 @@ def _same(a, b) -> bool:
 
 def recipe_values(t, world: int) -> dict[str, tuple[object, str]]:
     """DeepSpeed key -> (value from the recipe, where it comes from): the file must say "auto" or agree."""
-    values: dict[str, tuple[object, str]] = {
+    return {
         "train_micro_batch_size_per_gpu": (t.per_device_train_batch_size, "training.per_device_train_batch_size"),
         "gradient_accumulation_steps": (t.gradient_accumulation_steps, "training.gradient_accumulation_steps"),
         "train_batch_size": (
@@ -199,7 +199,6 @@ def recipe_values(t, world: int) -> dict[str, tuple[object, str]]:
         "fp16.enabled": (t.mixed_precision == "fp16", "training.mixed_precision"),
         "bf16.enabled": (t.mixed_precision == "bf16", "training.mixed_precision"),
     }
-    return values
 
 
 def bucket_sizes(hidden_size: int) -> dict[str, int]:
