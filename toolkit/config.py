@@ -62,11 +62,27 @@ class TrainingArgs:
     adam_beta2: float = _help("AdamW beta2.", default=0.999)
     adam_epsilon: float = _help("AdamW epsilon.", default=1e-8)
     max_grad_norm: float = _help("Gradient clipping norm; 0 disables clipping.", default=1.0)
-    optimizer: str = _help("Optimizer: adamw.", default="adamw")
+    optimizer: str = _help(
+        "Optimizer: adamw (torch, fused), lamb (torch_optimizer.Lamb) or adamw_8bit (bitsandbytes). "
+        "A DeepSpeed config with an optimizer section of the same algorithm runs DeepSpeed's implementation.",
+        default="adamw",
+    )
     lr_scheduler_type: str = _help("Schedule: linear, cosine, constant, constant_with_warmup.", default="linear")
     warmup_steps: int = _help("Linear warmup steps (wins over warmup_ratio when > 0).", default=0)
     warmup_ratio: float = _help("Warmup as a fraction of all steps.", default=0.0)
-    mixed_precision: str = _help("no, bf16 or fp16 (fp16 needs a GPU).", default="no")
+    mixed_precision: str = _help(
+        "no, bf16 or fp16 (fp16 needs a GPU; it uses dynamic loss scaling, and steps the scaler skips do not "
+        "advance the schedule).",
+        default="no",
+    )
+    gradient_checkpointing: bool = _help(
+        "Recompute activations in the backward pass: much less activation memory for about 1/3 more compute.",
+        default=False,
+    )
+    max_consecutive_nonfinite_steps: int = _help(
+        "Stop after this many optimizer steps in a row with a nan/inf loss (each is skipped, weights untouched).",
+        default=5,
+    )
     seed: int = _help("Seed for initialisation, shuffling and masking.", default=42)
     logging_steps: int = _help("Log training metrics every N optimizer steps.", default=10)
     eval_steps: int = _help("Evaluate every N steps; 0 evaluates only at the end.", default=0)
@@ -101,6 +117,10 @@ class TrainingArgs:
         for key in ("logging_steps", "eval_steps", "save_steps", "warmup_steps", "dataloader_num_workers"):
             if getattr(self, key) < 0:
                 raise ToolkitError(f"training.{key} must be >= 0 (got {getattr(self, key)})")
+        if self.max_consecutive_nonfinite_steps < 1:
+            raise ToolkitError(
+                f"training.max_consecutive_nonfinite_steps must be at least 1 (got {self.max_consecutive_nonfinite_steps})"
+            )
         if self.logging_steps == 0:
             raise ToolkitError("training.logging_steps must be at least 1")
         if self.save_total_limit < 1:

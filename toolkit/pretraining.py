@@ -23,7 +23,7 @@ from toolkit.tokenizer import load_tokenizer, train_tokenizer
 class PretrainResult:
     output_dir: Path
     metrics: dict  # final eval metrics ("eval_*"), the initial ones ("initial_eval_*"), train stats
-    model: object = None  # the trained transformers model, in memory
+    model: object = None  # the trained transformers model, in memory (sharded under ZeRO-3/FSDP: load output_dir)
 
 
 def pretrain(recipe=None, overrides: list[str] | dict | None = None, **kwargs) -> PretrainResult:
@@ -99,6 +99,7 @@ def resolve_tokenizer(recipe: PretrainRecipe, resume: Path | None, documents):
 def run(recipe: PretrainRecipe) -> PretrainResult:
     from accelerate.utils import set_seed
 
+    from toolkit.engine.distributed import full_state_dict
     from toolkit.engine.loop import Job, make_accelerator, train
     from toolkit.objectives import OBJECTIVES
 
@@ -162,7 +163,8 @@ def run(recipe: PretrainRecipe) -> PretrainResult:
 
     # ---- outputs: ordinary Hugging Face folders + recipe + model card ---------------------------
     metrics = _final_metrics(history)
-    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards on every process
+    # full-size weights from ZeRO-3 / FSDP shards (every process takes part), fp32 under DeepSpeed
+    state_dict = full_state_dict(accelerator, model)
     if accelerator.is_main_process:
         from toolkit.card import write_model_card
 
@@ -193,7 +195,8 @@ def publish(out: Path, write) -> None:
 
 
 def _final_metrics(history: dict) -> dict:
-    metrics = {k: history[k] for k in ("steps", "tokens_seen", "train_seconds", "world_size")}
+    facts = ("steps", "tokens_seen", "train_seconds", "world_size", "engine", "optimizer")
+    metrics = {k: history[k] for k in facts + ("skipped_nonfinite_steps", "skipped_loss_scaler_steps") if k in history}
     metrics.update({f"train_{k}": v for k, v in history.get("train", {}).items()})
     metrics.update({f"eval_{k}": v for k, v in history.get("eval", {}).items()})
     metrics.update({f"initial_eval_{k}": v for k, v in history.get("initial", {}).items()})

@@ -3,19 +3,19 @@
     for each optimizer step:
         fetch gradient_accumulation_steps micro-batches and count their loss items on all processes
         forward/backward each (DDP syncs on the last), loss = sum_k w_k * loss_sum_k / global_count_k
-        clip, optimizer step, schedule step
+        clip, optimizer step, schedule step (both skipped on a nan/inf loss or an fp16 overflow)
         log / evaluate / checkpoint when due
 
 Normalising by the *global* item count of the whole step (not a mean per micro-batch) makes one
 process with batch 2b, one with batch b and 2 accumulation steps, and two processes with batch b
 compute the same loss and gradients. The data position is a pure function of the step, so a resume
-continues exactly where the checkpoint was taken.
+continues exactly where the checkpoint was taken. The same loop runs under every launch (one process,
+DDP, DeepSpeed ZeRO 1-3, FSDP): `engine.distributed` checks the launch and fills DeepSpeed's config.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 
 from toolkit.data.loader import GlobalBatchSampler, ShardSampler, make_loader
-from toolkit.engine import checkpoint
-from toolkit.engine.optim import make_optimizer, make_scheduler
+from toolkit.engine import checkpoint, distributed
+from toolkit.engine.memory import enable_gradient_checkpointing
+from toolkit.engine.optim import innermost_optimizer, make_optimizer, make_scheduler, optimizer_name
+from toolkit.engine.precision import SkippedSteps, upcast_trainable_params
 from toolkit.engine.tracking import MetricsLog
 from toolkit.errors import ToolkitError
 
@@ -56,15 +58,13 @@ def reset_accelerate_state() -> None:
 
 
 def make_accelerator(t, output_dir: Path):
-    from accelerate import Accelerator, InitProcessGroupKwargs
+    from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
 
     if t.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ToolkitError("training.mixed_precision=fp16 needs a CUDA GPU: use bf16 or no on this machine")
+    distributed.check_deepspeed_file()
     reset_accelerate_state()
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    # Several processes on CPU talk over gloo (DeepSpeed under accelerate needs to be told so).
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched > 1 and not torch.cuda.is_available() else []
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -72,13 +72,12 @@ def make_accelerator(t, output_dir: Path):
         ),
         log_with=[r for r in t.report_to] or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
-        kwargs_handlers=handlers,
+        # several processes on CPU talk over gloo (DeepSpeed under accelerate needs to be told so)
+        **distributed.accelerator_kwargs(),
     )
-    if launched != accelerator.num_processes:
-        raise ToolkitError(
-            f"the launcher started {launched} processes but only {accelerator.num_processes} joined the run; "
-            "on CPU launch with ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N"
-        )
+    distributed.check_launch(accelerator)  # N processes asked, N joined; FSDP/DeepSpeed asked, got
+    distributed.fill_deepspeed(accelerator, t)  # a DeepSpeed file contradicting the recipe stops here
+    distributed.honor_zero3_init_flag(accelerator)
     return accelerator
 
 
@@ -123,6 +122,11 @@ def reduce_totals(accelerator, totals: dict[str, torch.Tensor]) -> dict[str, flo
     packed = torch.stack([totals[k].detach().double().reshape(()) for k in keys]).to(accelerator.device)
     packed = accelerator.reduce(packed, reduction="sum")
     return dict(zip(keys, packed.tolist()))
+
+
+def any_process(accelerator, flag: torch.Tensor) -> bool:
+    """Whether `flag` is true on at least one process (one small collective)."""
+    return bool(accelerator.reduce(flag.detach().float().reshape(1), reduction="sum").item() > 0)
 
 
 def add_into(totals: dict, prefix: str, values: dict) -> None:
@@ -183,18 +187,28 @@ def train(job: Job, accelerator, resume: Path | None = None):
     loader = make_loader(dataset, sampler, collator, t.dataloader_num_workers)
     evals = eval_loader(job, accelerator, t.seed)
 
-    # ---- model, optimizer and schedule, wrapped for the launch (DDP, DeepSpeed, ...) -----------
-    optimizer = make_optimizer(objective, t, accelerator.device)
-    scheduler = make_scheduler(optimizer, t, steps)
+    # ---- model, optimizer and schedule, wrapped for the launch (DDP, DeepSpeed, FSDP) ----------
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(objective)
+    upcast_trainable_params(objective, t.mixed_precision)  # fp32 master weights under autocast
+    ds_config = distributed.fill_deepspeed(accelerator, t, objective)
+    distributed.prepare_fsdp(objective)
+    optimizer = make_optimizer(objective, t, accelerator.device, ds_config)
     model, optimizer = accelerator.prepare(objective, optimizer)
+    # The schedule drives the optimizer that does the update (DeepSpeed may have built it), once per step.
+    scheduler = make_scheduler(innermost_optimizer(optimizer), t, steps)
     accelerator.register_for_checkpointing(scheduler)
+    deepspeed = ds_config is not None
     if t.torch_compile:
         model = torch.compile(model)
 
     # ---- resume: the whole run state, then the data position that follows from the step --------
     step, tokens_seen, elapsed = 0, 0, 0.0
+    skips = SkippedSteps(t.max_consecutive_nonfinite_steps)
     run_facts = {
         "world_size": world,
+        "engine": distributed.engine_name(accelerator),
+        "optimizer": t.optimizer,
         "per_device_train_batch_size": t.per_device_train_batch_size,
         "gradient_accumulation_steps": accum,
         "seed": t.seed,
@@ -202,21 +216,23 @@ def train(job: Job, accelerator, resume: Path | None = None):
     }
     if resume is not None:
         state = checkpoint.read_state(resume)
-        changed = [f"{k} ({state.get(k)} -> {v})" for k, v in run_facts.items() if state.get(k) != v]
+        changed = [f"{k} ({state.get(k)} -> {v})" for k, v in run_facts.items() if state.get(k, v) != v]
         if changed:
             raise ToolkitError(
                 f"cannot resume from '{resume}': it was written with different settings: {', '.join(changed)}; "
-                "resume with the same settings (and number of processes), or start a new output_dir"
+                "resume with the same settings, number of processes and launch config (a ZeRO checkpoint resumes "
+                "under the same stage), or start a new output_dir"
             )
         accelerator.load_state(str(resume))
         step, tokens_seen, elapsed = state["step"], state["tokens_seen"], state.get("train_seconds", 0.0)
+        skips.restore(state.get("skipped_steps", {}))
     if accelerator.trackers == [] and t.report_to:
         accelerator.init_trackers(job.name, config=job.tracker_config)
     log = MetricsLog(job.output_dir, accelerator, resume_step=step if resume is not None else None)
     stream = MicroBatches(sampler, loader, collator, start=step * accum)
     if main:
         print(
-            f"training: {steps} steps, {world} process(es), global batch "
+            f"training: {steps} steps, {distributed.describe(accelerator)}, {optimizer_name(optimizer)}, global batch "
             f"{t.per_device_train_batch_size * world * accum} x {len(job.train_data[0]['input_ids'])} tokens, "
             f"{len(sampler) // accum} steps per epoch" + (f", resumed at step {step}" if step else "")
         )
@@ -228,6 +244,8 @@ def train(job: Job, accelerator, resume: Path | None = None):
             "epoch": step * accum / len(sampler),
             "tokens_seen": tokens_seen,
             "train_seconds": elapsed,
+            "optimizer_class": optimizer_name(optimizer),
+            "skipped_steps": skips.state(),
         }
         checkpoint.save(accelerator, job.output_dir, step, state, job.write_extras, t.save_total_limit)
 
@@ -243,6 +261,7 @@ def train(job: Job, accelerator, resume: Path | None = None):
     interval: dict = {}
     grad_norms: list[float] = []  # the same on every process: norms of synchronised gradients
     interval_seconds, interval_tokens = 0.0, 0  # training time only: evaluation and saving excluded
+    interval_skips = {"nonfinite": 0, "scaler": 0}  # skipped optimizer steps since the last log line
     while step < steps:
         step_start = time.perf_counter()
         # 1. one optimizer step of micro-batches; loss items counted over every process
@@ -252,29 +271,49 @@ def train(job: Job, accelerator, resume: Path | None = None):
             add_into(counts, "", objective.counts(batch))
         global_counts = {k: max(v, 1.0) for k, v in reduce_totals(accelerator, counts).items()}
 
-        # 2. forward/backward; DDP averages gradients over processes, hence the factor world
-        for batch in micro:
+        # 2. forward/backward; DDP averages gradients over processes, hence the factor world.
+        #    A nan/inf loss on any process skips the step everywhere, decided before the step's one
+        #    gradient synchronisation (the last micro-batch's backward); the weights stay untouched.
+        nonfinite, skip = torch.zeros((), dtype=torch.bool, device=accelerator.device), False
+        for i, batch in enumerate(micro):
             with accelerator.accumulate(model):
                 losses, stats = model(batch)
                 loss = sum(objective.loss_weights[k] * losses[k] / global_counts[k] for k in losses)
-                accelerator.backward(loss * world * accum)  # backward() divides by accum again
-                if accelerator.sync_gradients and t.max_grad_norm > 0:
-                    grad_norms.append(float(accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)))
-                optimizer.step()
+                nonfinite |= ~torch.isfinite(loss.detach())
+                if i == accum - 1:
+                    skip = any_process(accelerator, nonfinite)
+                if not skip:
+                    accelerator.backward(loss * world * accum)  # backward() divides by accum again
+                elif deepspeed:  # DeepSpeed steps inside backward(); nan gradients make it drop the step
+                    accelerator.backward(loss * float("nan"))
+                if accelerator.sync_gradients and not skip:
+                    if t.max_grad_norm > 0:
+                        norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                        if norm is not None and math.isfinite(float(norm)):
+                            grad_norms.append(float(norm))
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             add_into(interval, "loss/", losses)
             add_into(interval, "", stats)
             interval_tokens += batch["input_ids"].numel() * world
             tokens_seen += batch["input_ids"].numel() * world
         add_into(interval, "count/", counts)
-        scheduler.step()
+
+        # 3. the schedule advances only with the weights: not on a skipped step
+        scaler_skipped = accelerator.optimizer_step_was_skipped
+        if skip and deepspeed and not scaler_skipped:
+            raise RuntimeError(f"step {step + 1}: DeepSpeed applied an update with a non-finite loss")
+        if skips.record(step + 1, nonfinite_loss=skip, scaler_skipped=scaler_skipped and not skip):
+            scheduler.step()
+        interval_skips["nonfinite"] += int(skip)
+        interval_skips["scaler"] += int(scaler_skipped and not skip)
         step += 1
         seconds = time.perf_counter() - step_start
         interval_seconds += seconds
         elapsed += seconds
         bar.update(1)
 
-        # 3. log, evaluate and checkpoint when due
+        # 4. log, evaluate and checkpoint when due
         if step % t.logging_steps == 0 or step == steps:
             totals = reduce_totals(accelerator, interval)
             values = objective.metrics(totals)
@@ -286,15 +325,27 @@ def train(job: Job, accelerator, resume: Path | None = None):
             )
             if grad_norms:
                 values["grad_norm"] = sum(grad_norms) / len(grad_norms)
+            if interval_skips["nonfinite"] or interval_skips["scaler"]:
+                values.update(skipped_nonfinite=interval_skips["nonfinite"], skipped_by_scaler=interval_skips["scaler"])
             log.log(step, values)
             bar.set_postfix(loss=f"{values['loss']:.4f}")
             history["train"] = values
             interval, grad_norms, interval_seconds, interval_tokens = {}, [], 0.0, 0
+            interval_skips = {"nonfinite": 0, "scaler": 0}
         if evals is not None and ((t.eval_steps and step % t.eval_steps == 0) or step == steps):
             history["eval"] = evaluate(model, objective, evals, accelerator, t.max_eval_batches)
             log.log(step, {f"eval_{k}": v for k, v in history["eval"].items()})
         if (t.save_steps and step % t.save_steps == 0) or step == steps:
             save_checkpoint()
     bar.close()
-    history.update(steps=step, tokens_seen=tokens_seen, train_seconds=elapsed, world_size=world)
+    history.update(
+        steps=step,
+        tokens_seen=tokens_seen,
+        train_seconds=elapsed,
+        world_size=world,
+        engine=run_facts["engine"],
+        optimizer=optimizer_name(optimizer),
+        skipped_nonfinite_steps=skips.nonfinite,
+        skipped_loss_scaler_steps=skips.loss_scaler,
+    )
     return history, model  # the prepared model: the final save gathers sharded weights from it

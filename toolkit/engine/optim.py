@@ -1,11 +1,31 @@
-"""Optimizer and learning-rate schedule."""
+"""Optimizer and learning-rate schedule.
+
+`training.optimizer` picks the algorithm; each comes from a maintained implementation:
+
+| name         | implementation                               | notes                                        |
+| ------------ | -------------------------------------------- | -------------------------------------------- |
+| `adamw`      | `torch.optim.AdamW`, fused kernel            | the default                                  |
+| `lamb`       | `torch_optimizer.Lamb` (You et al., 2019)    | layer-wise trust ratio for large batches     |
+| `adamw_8bit` | `bitsandbytes.optim.AdamW8bit`               | 8-bit optimizer states: ~75% less state memory |
+
+Gradients are clipped once, by the engine (`training.max_grad_norm`, or DeepSpeed's
+`gradient_clipping` filled from it). `torch_optimizer.Lamb` does not clip internally (its
+`clamp_value` bounds the weight norm in the trust ratio, not the gradient); NVIDIA's and
+DeepSpeed's fused LAMB can (`max_grad_norm`), so a DeepSpeed file that asks for that is refused.
+
+When a DeepSpeed config has an `optimizer` section, DeepSpeed builds that optimizer (its fused or
+CPU kernels) and the toolkit hands it a placeholder (`accelerate.utils.DummyOptim`); the section
+must name the same algorithm as `training.optimizer`.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-OPTIMIZERS = ("adamw",)
+from toolkit.errors import ToolkitError
+
+OPTIMIZERS = ("adamw", "lamb", "adamw_8bit")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 
 
@@ -21,13 +41,58 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: nn.Module, t, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model, t.weight_decay)
+def make_optimizer(model: nn.Module, t, device: torch.device, deepspeed_config: dict | None = None):
+    groups = [g for g in param_groups(model, t.weight_decay) if g["params"]]
+    betas = (t.adam_beta1, t.adam_beta2)
+    if deepspeed_config is not None and "optimizer" in deepspeed_config:
+        from accelerate.utils import DummyOptim
+
+        return DummyOptim(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
+    if t.optimizer == "lamb":
+        import torch_optimizer
+
+        return torch_optimizer.Lamb(groups, lr=t.learning_rate, betas=betas, eps=t.adam_epsilon)
+    if t.optimizer == "adamw_8bit":
+        check_8bit_support(device)
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=t.learning_rate, betas=betas, eps=t.adam_epsilon)
     # The fused kernel is several times faster than the per-tensor loop, on CPU as on GPU.
     fused = device.type in ("cuda", "cpu", "xpu")
-    return torch.optim.AdamW(
-        groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon, fused=fused
-    )
+    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=betas, eps=t.adam_epsilon, fused=fused)
+
+
+def check_8bit_support(device: torch.device) -> None:
+    """bitsandbytes runs its 8-bit optimizers only on some devices: try one step before training."""
+    hint = "use training.optimizer=adamw (or lamb)"
+    try:
+        import bitsandbytes as bnb
+    except Exception as e:  # not installed, or no binary for this platform
+        raise ToolkitError(
+            f"training.optimizer=adamw_8bit needs bitsandbytes, which cannot load here ({e}): {hint}"
+        ) from None
+    probe = torch.nn.Parameter(torch.zeros(4096, device=device))  # large enough for 8-bit states
+    probe.grad = torch.ones_like(probe)
+    try:
+        bnb.optim.AdamW8bit([probe], lr=1e-3).step()
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ToolkitError(
+            f"training.optimizer=adamw_8bit: bitsandbytes cannot run its 8-bit AdamW on this {device.type} device "
+            f"({first}): {hint}"
+        ) from None
+
+
+def innermost_optimizer(optimizer):
+    """The optimizer that does the update, under accelerate's and DeepSpeed's wrappers."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def optimizer_name(optimizer) -> str:
+    cls = type(innermost_optimizer(optimizer))
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def warmup_steps(t, total_steps: int) -> int:
