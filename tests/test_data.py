@@ -168,3 +168,16 @@ def test_corpus_too_small_for_one_block(tmp_path, tokenizer):
     data = DataArgs(train_files=[str(tmp_path / "small.txt")], validation_split_percentage=0, max_seq_length=128)
     with pytest.raises(ToolkitError, match="fewer than one block"):
         block_data.prepare_blocks(data, tokenizer, seed=0)
+
+
+def test_tokenizer_training_is_reproducible(corpus_dir):
+    """tokenizers' WordPiece trainer broke frequency ties in hash-map order: the same corpus gave
+    different vocabularies in different runs (and in one process)."""
+    from toolkit.tokenizer import train_tokenizer
+
+    texts = load_documents(expand([str(corpus_dir)]), "text", "blank_line")["text"]
+    made = {train_tokenizer(texts, "wordpiece", vocab_size=800).backend_tokenizer.to_str() for _ in range(4)}
+    assert len(made) == 1
+    tok = train_tokenizer(texts, "wordpiece", vocab_size=800)
+    assert set(tok.all_special_tokens) == {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"}
+    assert tok.tokenize("##e") != ["##e"]  # continuation pieces are vocabulary, not special tokens

@@ -44,9 +44,7 @@ def _tokenizer(args) -> None:
 
     files = corpus.expand(args.files, "--files")
     docs = corpus.load_documents(files, args.text_field, args.document_boundary)
-    tok = train_tokenizer(
-        iter(docs["text"]), args.kind, args.vocab_size, args.lowercase, args.min_frequency, args.max_length
-    )
+    tok = train_tokenizer(docs["text"], args.kind, args.vocab_size, args.lowercase, args.min_frequency, args.max_length)
     tok.save_pretrained(args.output)
     print(f"trained a {args.kind} tokenizer with {len(tok)} tokens on {len(docs)} documents -> {args.output}")
 

@@ -85,9 +85,7 @@ def resolve_tokenizer(recipe: PretrainRecipe, resume: Path | None, documents):
         return load_tokenizer(cached)
     train_docs, _ = documents()
     print(f"training a {kind} tokenizer ({tk.vocab_size} tokens) on {len(train_docs)} documents")
-    tok = train_tokenizer(
-        (t for t in train_docs["text"]), kind, tk.vocab_size, tk.lowercase, tk.min_frequency, d.max_seq_length
-    )
+    tok = train_tokenizer(train_docs["text"], kind, tk.vocab_size, tk.lowercase, tk.min_frequency, d.max_seq_length)
     tmp = cached.with_name(f".{key}-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tok.save_pretrained(str(tmp))

@@ -5,10 +5,10 @@ template) or byte-level BPE (GPT-2 style, `<|endoftext|>` as end, padding and un
 The result is saved as an ordinary transformers tokenizer: `AutoTokenizer.from_pretrained(dir)`
 gives a `BertTokenizer` or `GPT2Tokenizer`.
 
-WordPiece training in `tokenizers` assigns ids in a run-dependent order when frequencies tie
-(its counts live in hash maps), so the vocabulary is re-numbered canonically after training:
-special tokens first, then the rest sorted. Ids then depend only on the corpus, which keeps
-runs reproducible. Byte-level BPE training is deterministic as it is.
+WordPiece training in `tokenizers` numbers continuation pieces in hash-map order, so merges of
+equal frequency were broken differently from run to run (seen: two different vocabularies from the
+same corpus). Naming every continuation piece up front fixes their ids, and the vocabulary becomes a
+function of the corpus alone. Byte-level BPE training is deterministic as it is.
 """
 
 from __future__ import annotations
@@ -36,16 +36,28 @@ def train_tokenizer(
     if kind == "wordpiece":
         from transformers import BertTokenizer
 
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=None if lowercase else False)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        texts = texts if isinstance(texts, (list, tuple)) or hasattr(texts, "__len__") else list(texts)
+        normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=None if lowercase else False)
+        alphabet = _alphabet(texts, normalizer)
         trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=WORDPIECE_SPECIALS
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            # Continuation pieces ("##e") are otherwise numbered in hash-map order, which breaks ties
+            # between equally frequent merges differently from run to run: naming them up front makes
+            # the vocabulary a function of the corpus alone.
+            special_tokens=WORDPIECE_SPECIALS + ["##" + c for c in alphabet],
+            initial_alphabet=alphabet,
+            limit_alphabet=len(alphabet),
         )
-        tok.train_from_iterator(_nonempty(texts), trainer)
-        vocab = tok.get_vocab()
-        canonical = WORDPIECE_SPECIALS + sorted(t for t in vocab if t not in WORDPIECE_SPECIALS)
-        tok.model = models.WordPiece(vocab={t: i for i, t in enumerate(canonical)}, unk_token="[UNK]")
+        trained = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        trained.normalizer = normalizer
+        trained.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trained.train_from_iterator(_nonempty(texts), trainer)
+        # A fresh tokenizer with the trained vocabulary: only the five real special tokens are special.
+        tok = Tokenizer(models.WordPiece(vocab=trained.get_vocab(), unk_token="[UNK]"))
+        tok.normalizer = normalizer
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.add_special_tokens(WORDPIECE_SPECIALS)
         cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]",
@@ -77,6 +89,20 @@ def train_tokenizer(
             model_max_length=model_max_length,
         )
     raise ToolkitError(f"unknown tokenizer kind '{kind}': choose wordpiece or bpe")
+
+
+def _alphabet(texts: Iterable[str], normalizer, limit: int = 1000) -> list[str]:
+    """The corpus's characters after normalisation: the most frequent `limit` of them (as BERT's
+    WordPiece training limits its alphabet), sorted so that their order never depends on the run."""
+    from collections import Counter
+
+    counts: Counter = Counter()
+    for t in texts:
+        if t:
+            counts.update(normalizer.normalize_str(t))
+    chars = [c for c in counts if not c.isspace()]
+    chars.sort(key=lambda c: (-counts[c], c))
+    return sorted(chars[:limit])
 
 
 def _nonempty(texts: Iterable[str]) -> Iterator[str]:
