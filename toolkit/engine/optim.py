@@ -22,7 +22,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model: nn.Module, t, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model, t.weight_decay)
+    if hasattr(model, "optimizer_groups"):  # an objective may shape them (layer-wise learning rates)
+        groups = model.optimizer_groups(t.weight_decay)
+    else:
+        groups = param_groups(model, t.weight_decay)
+    for group in groups:  # a group's `lr_scale` multiplies the learning rate (the schedule applies to all)
+        group["lr"] = t.learning_rate * group.pop("lr_scale", 1.0)
     # The fused kernel is several times faster than the per-tensor loop, on CPU as on GPU.
     fused = device.type in ("cuda", "cpu", "xpu")
     return torch.optim.AdamW(
