@@ -95,7 +95,7 @@ def write_model_card(folder: Path, recipe, data, metrics: dict, model_dir: str) 
     artifact = (
         "a PEFT adapter (plus the classification config); the base checkpoint is recorded in adapter_config.json"
         if f.mode in PEFT_MODES
-        else "a complete `AutoModelForSequenceClassification` folder"
+        else "a complete `AutoModelForSequenceClassification` model"
         + (
             " with its mean-pooling code (`toolkit_pooling.py`, load with `trust_remote_code=True`)"
             if f.mode == "frozen" and f.pooling == "mean"
@@ -116,7 +116,7 @@ def write_model_card(folder: Path, recipe, data, metrics: dict, model_dir: str) 
         "## Training",
         f"- {metrics.get('trainable_params', 0):,} of {metrics.get('total_params', 0):,} parameters trained "
         f"({100 * metrics.get('trainable_share', 0):.2f}%)",
-        f"- {metrics.get('steps')} optimizer steps ({_fmt(metrics.get('epochs'))} epochs), "
+        f"- {metrics.get('steps')} optimizer steps ({metrics.get('epochs') or 0:.3g} epochs), "
         f"{metrics.get('train_seconds', 0):.0f} s of training on {metrics.get('world_size')} process(es)"
         + (f" after {metrics['feature_seconds']:.0f} s of feature encoding" if metrics.get("feature_seconds") else ""),
         f"- learning rate {t.learning_rate} ({t.lr_scheduler_type}, warmup {t.warmup_ratio if not t.warmup_steps else t.warmup_steps}), "

@@ -53,7 +53,7 @@ def cache_key(model_dir: str, config_overrides: dict, pooling: str, hf_dataset, 
     digest = hashlib.sha256()
     for column in ("input_ids", "attention_mask", "token_type_ids"):
         if column in hf_dataset.column_names:
-            for seq in hf_dataset[column]:
+            for seq in hf_dataset[column][:]:
                 digest.update(np.asarray(seq, dtype=np.int32).tobytes() + b"|")
     return hash_key(
         {
@@ -114,5 +114,5 @@ def features_for(model, hf_dataset, key: str, cache_dir: Path, pooling: str, bat
         tmp.replace(path)
         hit = False
     regression = hf_dataset.features["labels"].dtype.startswith("float")
-    labels = torch.tensor(hf_dataset["labels"], dtype=torch.float32 if regression else torch.long)
+    labels = torch.tensor(hf_dataset["labels"][:], dtype=torch.float32 if regression else torch.long)
     return FeatureSet(vectors, labels, counts), time.perf_counter() - start, hit

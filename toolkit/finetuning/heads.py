@@ -118,13 +118,32 @@ def _mean_pooled(native_name: str):
     return config_cls, model_cls
 
 
-MEAN_POOLED = {name: _mean_pooled(name) for name in NATIVE_CLASSES}
-globals().update({cls.__name__: cls for pair in MEAN_POOLED.values() for cls in pair})
+_MEAN_POOLED: dict = {}
+
+
+def mean_pooled(native_name: str) -> tuple[type, type]:
+    """(config class, model class) of the mean-pooled variant of a native classifier, made once."""
+    if native_name not in _MEAN_POOLED:
+        _MEAN_POOLED[native_name] = _mean_pooled(native_name)
+    return _MEAN_POOLED[native_name]
+
+
+def __getattr__(name: str):
+    """`MeanPooledBertForSequenceClassification`, `MeanPooledBertConfig`, ...: what config.json's
+    auto_map names when transformers loads this file as remote code (built on first access)."""
+    wanted = name.removeprefix("MeanPooled")
+    if name.startswith("MeanPooled"):
+        if wanted in NATIVE_CLASSES:
+            return mean_pooled(wanted)[1]
+        for native in NATIVE_CLASSES:
+            if getattr(transformers, native).config_class.__name__ == wanted:
+                return mean_pooled(native)[0]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def mean_pooled_config(config, native_name: str) -> dict:
     """The config.json entries that turn a saved native model into its mean-pooled variant."""
-    config_cls, model_cls = MEAN_POOLED[native_name]
+    config_cls, model_cls = mean_pooled(native_name)
     module = "toolkit_pooling"
     return {
         "model_type": config_cls.model_type,

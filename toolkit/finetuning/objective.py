@@ -24,20 +24,29 @@ class PaddedExamples(torch.utils.data.Dataset):
 
     COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
 
-    def __init__(self, hf_dataset, pad_id: int, pad_to: int | None = None):
-        self.ds = hf_dataset
+    def __init__(self, hf_dataset, pad_id: int, pad_to: int | None = None, longest_first: bool = False):
         self.columns = [c for c in self.COLUMNS if c in hf_dataset.column_names]
+        self.ds = hf_dataset.select_columns([*self.columns, "labels"])
         self.pad_id, self.pad_to = pad_id, pad_to
         self.regression = hf_dataset.features["labels"].dtype.startswith("float")
+        self._lengths = [len(ids) for ids in self.ds["input_ids"][:]]
+        # Evaluation reads examples longest first (batches of similar length); `idx` stays the row
+        # number, so gathered predictions come back in dataset order.
+        self.order = sorted(range(len(self._lengths)), key=lambda i: -self._lengths[i]) if longest_first else None
 
     def __len__(self) -> int:
         return len(self.ds)
+
+    def lengths(self) -> list[int]:
+        return self._lengths
 
     def __getitem__(self, i: int):
         return self.__getitems__([i])
 
     def __getitems__(self, indices: list[int]) -> dict:
-        rows = self.ds.select_columns([*self.columns, "labels"])[indices]
+        if self.order is not None:
+            indices = [self.order[i] for i in indices]
+        rows = self.ds[indices]
         length = self.pad_to or max(len(ids) for ids in rows["input_ids"])
         batch = {}
         for c in self.columns:
@@ -72,7 +81,7 @@ class SequenceClassifier(Objective):
 
     # ---- data -----------------------------------------------------------------------------------
     def make_dataset(self, hf_dataset, split: str = "train"):
-        return PaddedExamples(hf_dataset, self.pad_id, self.pad_to)
+        return PaddedExamples(hf_dataset, self.pad_id, self.pad_to, longest_first=split != "train")
 
     def make_collator(self, tokenizer, seed: int, salt: str = "train"):
         return Passthrough()

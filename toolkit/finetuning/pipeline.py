@@ -132,15 +132,16 @@ def run(recipe: FinetuneRecipe) -> FinetuneResult:
         tracker_config=_flat(to_dict(recipe)),
         name=f"finetune-{f.mode}",
     )
-    history, model = train(job, accelerator, resume)
-
-    # ---- test split, with every prediction kept -------------------------------------------------
     from toolkit.engine.loop import eval_loader, evaluate
 
-    test_metrics, test_examples = {}, {}
-    if test_data is not None:
-        loader = eval_loader(dataclasses.replace(job, eval_data=test_data), accelerator, t.seed)
-        test_metrics = evaluate(model, objective, loader, accelerator, examples_out=test_examples)
+    with _one_thread(f.mode == "frozen" and accelerator.device.type == "cpu"):
+        history, model = train(job, accelerator, resume)
+
+        # ---- test split, with every prediction kept ---------------------------------------------
+        test_metrics, test_examples = {}, {}
+        if test_data is not None:
+            loader = eval_loader(dataclasses.replace(job, eval_data=test_data), accelerator, t.seed)
+            test_metrics = evaluate(model, objective, loader, accelerator, examples_out=test_examples)
 
     # ---- outputs: a model or adapter folder + recipe, metrics, predictions, model card ----------
     metrics = _final_metrics(history, test_metrics)
@@ -174,6 +175,10 @@ def run(recipe: FinetuneRecipe) -> FinetuneResult:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     trained = accelerator.unwrap_model(model).model
+    if f.mode == "frozen" and f.pooling == "mean":  # in memory as saved: the mean-pooling forward
+        from toolkit.finetuning.heads import mean_pooled
+
+        trained.__class__ = mean_pooled(type(trained).__name__)[1]
     return FinetuneResult(output_dir=out, metrics=metrics, model=trained, tokenizer=tokenizer)
 
 
@@ -260,7 +265,7 @@ def write_predictions(path: Path, data, test_ds, examples: dict) -> None:
     import torch
 
     logits, labels, idx = examples["logits"], examples["label"], examples["idx"].tolist()
-    texts = {c: test_ds[c] for c in data.text_fields}
+    texts = {c: test_ds[c][:] for c in data.text_fields}
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
         if data.problem_type == "regression":
@@ -303,6 +308,21 @@ def _flat(tree: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
     return out
+
+
+@contextlib.contextmanager
+def _one_thread(enabled: bool):
+    """The frozen mode's head is tiny: on CPU its operations take microseconds, and waking a second
+    thread for each of them costs more than the work (much more on a busy machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if enabled:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager

@@ -134,7 +134,7 @@ def predict(
 
     scores: dict = {}
     if label_field in table.column_names:
-        values = table[label_field]
+        values = table[label_field][:]
         if regression:
             labels = torch.tensor([float(v) for v in values])
         else:

@@ -220,7 +220,7 @@ def load_task(task, tokenizer=None, seed: int | None = None) -> TaskData:
 
     # ---- problem type and label names from the training split ------------------------------------
     feature = raw["train"].features[label_field]
-    values = raw["train"][label_field]
+    values = raw["train"][label_field][:]
     if problem_type == "auto":
         problem_type = _infer_problem_type(feature, values)
     if problem_type == "regression":
@@ -247,7 +247,7 @@ def load_task(task, tokenizer=None, seed: int | None = None) -> TaskData:
             )
 
     # ---- held-out splits (stratified), then optional subsampling --------------------------------
-    strat = None if problem_type == "regression" else _label_strings(feature, raw["train"][label_field])
+    strat = None if problem_type == "regression" else _label_strings(feature, values)
     train, remaining = raw["train"], 1.0  # shares are of all training rows
     if "test" not in raw and task.test_split > 0:
         keep, held = _split(len(train), task.test_split, split_seed, strat)
@@ -268,7 +268,7 @@ def load_task(task, tokenizer=None, seed: int | None = None) -> TaskData:
             s = (
                 None
                 if problem_type == "regression"
-                else _label_strings(raw[split].features[label_field], ds[label_field])
+                else _label_strings(raw[split].features[label_field], ds[label_field][:])
             )
             keep, _ = _split(len(ds), len(ds) - limit, split_seed + 2, s)
             raw[split] = ds.select(keep)
@@ -279,15 +279,15 @@ def load_task(task, tokenizer=None, seed: int | None = None) -> TaskData:
     # ---- labels -> ids, checked on every split -----------------------------------------------------
     label2id = {n: i for i, n in enumerate(names)} if names else None
     for split, ds in raw.items():
-        feat = ds.features[label_field]
+        feat, values = ds.features[label_field], ds[label_field][:]
         if problem_type == "regression":
-            if not all(_is_number(v) for v in ds[label_field]):
+            if not all(_is_number(v) for v in values):
                 raise ToolkitError(
                     f"the {split} split has non-numeric labels in {label_field!r}: regression needs numbers"
                 )
-            ids = [float(v) for v in ds[label_field]]
+            ids = [float(v) for v in values]
         else:
-            strings = _label_strings(feat, ds[label_field])
+            strings = _label_strings(feat, values)
             unseen = Counter(s for s in strings if s not in label2id)
             if unseen:
                 listed = ", ".join(f"{k!r} ({n} rows)" for k, n in unseen.most_common(5))
@@ -337,7 +337,18 @@ def tokenize(ds, tokenizer, text_fields: list[str], max_seq_length: int):
             return tokenizer([f"{x}{joiner}{y}" for x, y in zip(a, b)], truncation=True, max_length=max_seq_length)
         return tokenizer(a, b, truncation="longest_first", max_length=max_seq_length)
 
-    return ds.map(encode, batched=True, keep_in_memory=True, load_from_cache_file=False, desc="Tokenizing")
+    from toolkit.data.blocks import hash_key, tokenizer_hash
+
+    # An explicit fingerprint: hashing `encode` would pickle the whole tokenizer (seconds per split).
+    fingerprint = hash_key([ds._fingerprint, tokenizer_hash(tokenizer), text_fields, max_seq_length, joiner])
+    return ds.map(
+        encode,
+        batched=True,
+        keep_in_memory=True,
+        load_from_cache_file=False,
+        new_fingerprint=fingerprint,
+        desc="Tokenizing",
+    )
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
