@@ -188,10 +188,11 @@ def test_frozen_keeps_the_encoder_bit_identical_and_reloads_with_plain_transform
     assert again.metrics["test_accuracy"] == pytest.approx(result.metrics["test_accuracy"])
 
 
-def test_frozen_mean_pooling_reloads_through_its_model_code(tmp_path, gpt_ckpt, data_dir):
+@pytest.mark.parametrize("mode", ["frozen", "full"])
+def test_mean_pooling_reloads_through_its_model_code(tmp_path, gpt_ckpt, data_dir, mode):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    r = recipe(tmp_path / "mean", gpt_ckpt, data_dir / "sentiment.csv", "frozen")
+    r = recipe(tmp_path / "mean", gpt_ckpt, data_dir / "sentiment.csv", mode, num_train_epochs=1)
     r["finetune"]["pooling"] = "mean"
     result = toolkit.finetune(r)
     out = result.output_dir

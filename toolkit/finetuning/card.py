@@ -55,7 +55,7 @@ def _fmt(v) -> str:
 def usage(recipe, path: str, example: str = "a wonderful, moving film") -> str:
     f = recipe.finetune
     if f.mode not in PEFT_MODES:
-        remote = ", trust_remote_code=True" if f.mode == "frozen" and f.pooling == "mean" else ""
+        remote = ", trust_remote_code=True" if f.pooling == "mean" else ""
         return LOAD_FULL.format(path=path, remote=remote, example=example)
     quant = (
         QUANT.format(qtype=f.qlora_quant_type, double=f.qlora_double_quant, skip=QLORA_SKIP_MODULES)
@@ -84,8 +84,8 @@ def write_model_card(folder: Path, recipe, data, metrics: dict, model_dir: str) 
     labels = f"{len(data.labels)} classes: {', '.join(data.labels)}" if data.labels else "regression (one score)"
     kind = {
         "frozen": f"frozen encoder, head trained on cached {f.pooling}-pooled features",
-        "full": "full fine-tuning"
-        + (f" (layer-wise learning-rate decay {f.layerwise_lr_decay})" if f.layerwise_lr_decay < 1 else ""),
+        "full": f"full fine-tuning ({f.pooling} pooling"
+        + (f", layer-wise learning-rate decay {f.layerwise_lr_decay})" if f.layerwise_lr_decay < 1 else ")"),
         "prompt": f"PEFT prompt tuning ({f.num_virtual_tokens} virtual tokens, {f.prompt_init} initialisation)",
         "prefix": f"PEFT prefix tuning ({f.num_virtual_tokens} virtual tokens)",
         "ptuning": f"PEFT P-tuning ({f.num_virtual_tokens} virtual tokens, {f.ptuning_encoder} prompt encoder)",
@@ -98,7 +98,7 @@ def write_model_card(folder: Path, recipe, data, metrics: dict, model_dir: str) 
         else "a complete `AutoModelForSequenceClassification` model"
         + (
             " with its mean-pooling code (`toolkit_pooling.py`, load with `trust_remote_code=True`)"
-            if f.mode == "frozen" and f.pooling == "mean"
+            if f.pooling == "mean"
             else ""
         )
     )

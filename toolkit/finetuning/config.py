@@ -14,6 +14,7 @@ from toolkit.config import _ROOTS, TrainingArgs, _choice, _help, normalize_overr
 from toolkit.errors import ToolkitError
 
 MODES = ("frozen", "full", "prompt", "prefix", "ptuning", "lora", "qlora")
+POOLING_MODES = ("frozen", "full")  # the modes that save a whole model, so may change how it pools
 PEFT_MODES = ("prompt", "prefix", "ptuning", "lora", "qlora")
 PROMPT_MODES = ("prompt", "prefix", "ptuning")
 # The usual peak learning rate of each mode (what `training.learning_rate: null` picks).
@@ -98,9 +99,10 @@ class FinetuneArgs:
         default="full",
     )
     pooling: str = _help(
-        "frozen: the feature the head reads: cls (what the architecture's head reads: [CLS], or a decoder's last "
-        "token; the output is a plain transformers model) or mean (masked mean of all tokens; the output loads "
-        "with trust_remote_code=True).",
+        "frozen and full: what the head reads: cls (the architecture's own choice: [CLS], or a decoder's last "
+        "token; the output is a plain transformers model) or mean (masked mean of all tokens, as sentence "
+        "encoders such as MiniLM are trained; the output loads with trust_remote_code=True). PEFT modes keep "
+        "the architecture's head, so that the adapter loads onto the unchanged base.",
         default="cls",
     )
     layerwise_lr_decay: float = _help(

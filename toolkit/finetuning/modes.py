@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from toolkit.errors import ToolkitError
-from toolkit.finetuning.heads import NATIVE_CLASSES, head_modules, is_decoder
+from toolkit.finetuning.heads import NATIVE_CLASSES, head_modules, is_decoder, mean_pooled
 
 # Modules the 4-bit base keeps in full precision: the head, which trains. transformers matches these
 # from the start of a module's name or as a suffix, so BERT's pooler (`bert.pooler.dense`) needs `.*`.
@@ -109,10 +109,10 @@ def build(recipe, data, tokenizer, model_dir: str, device) -> Built:
             f"cannot load '{model_dir}' as a sequence classifier (AutoModelForSequenceClassification): {e}"
         ) from None
     new = sorted(info.get("missing_keys", []))
-    if f.mode in ("frozen",) and type(model).__name__ not in NATIVE_CLASSES:
+    if (f.mode == "frozen" or f.pooling == "mean" and f.mode == "full") and type(model).__name__ not in NATIVE_CLASSES:
         raise ToolkitError(
-            f"the frozen mode knows the heads of {', '.join(NATIVE_CLASSES)}, not {type(model).__name__}: use "
-            "finetune.mode=full or a PEFT mode"
+            f"the frozen mode and mean pooling know the heads of {', '.join(NATIVE_CLASSES)}, not "
+            f"{type(model).__name__}: use finetune.mode=full with finetune.pooling=cls, or a PEFT mode"
         )
     if f.mode == "frozen":
         head = tuple(f"{name}." for name in head_modules(model))
@@ -122,6 +122,8 @@ def build(recipe, data, tokenizer, model_dir: str, device) -> Built:
     elif f.mode == "full":
         for p in model.parameters():
             p.requires_grad = True
+        if f.pooling == "mean":  # the same weights, a forward that mean-pools (heads.py)
+            model.__class__ = mean_pooled(type(model).__name__)[1]
         peft_model = model
     else:
         peft_model = _peft_model(model, recipe, data, tokenizer, model_dir)

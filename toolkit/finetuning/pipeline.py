@@ -20,7 +20,7 @@ from pathlib import Path
 
 from toolkit.config import load_recipe, merge, normalize_overrides, parse_overrides, to_dict, to_yaml
 from toolkit.engine import checkpoint
-from toolkit.finetuning.config import PEFT_MODES, FinetuneRecipe
+from toolkit.finetuning.config import PEFT_MODES, POOLING_MODES, FinetuneRecipe
 
 RESULTS_FILE = "results.json"
 POOLING_FILE = "toolkit_pooling.py"
@@ -222,7 +222,7 @@ def _frozen_features(recipe, data, built, model_dir, accelerator):
 
 def save_model(trained, folder: Path, recipe, model_dir: str, state_dict: dict | None) -> None:
     """full/frozen: the whole classifier; PEFT modes: the adapter (+ the classification config, so
-    the base loads with the right labels). Frozen mean pooling adds its model code (see heads.py)."""
+    the base loads with the right labels). Mean pooling adds its model code (see heads.py)."""
     mode = recipe.finetune.mode
     if mode in PEFT_MODES:
         adapter_state = None
@@ -238,13 +238,13 @@ def save_model(trained, folder: Path, recipe, model_dir: str, state_dict: dict |
         return
     weights = None if state_dict is None else {k.removeprefix("model."): v for k, v in state_dict.items()}
     trained.save_pretrained(str(folder), state_dict=weights)
-    if mode == "frozen" and recipe.finetune.pooling == "mean":
+    if mode in POOLING_MODES and recipe.finetune.pooling == "mean":
         from toolkit.finetuning import heads
 
         shutil.copyfile(heads.__file__, folder / POOLING_FILE)
         path = folder / "config.json"
         config = json.loads(path.read_text())
-        config.update(heads.mean_pooled_config(config, type(trained).__name__))
+        config.update(heads.mean_pooled_config(config, type(trained).__name__.removeprefix("MeanPooled")))
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

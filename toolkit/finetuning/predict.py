@@ -28,7 +28,7 @@ def load_finetuned(path: str | Path):
     if not (path / "config.json").is_file():
         raise ToolkitError(f"'{path}' is not a fine-tuned model folder (it has no config.json)")
     recipe = yaml.safe_load((path / "recipe.yaml").read_text()) if (path / "recipe.yaml").is_file() else {}
-    remote = "auto_map" in json.loads((path / "config.json").read_text())  # frozen mean pooling (heads.py)
+    remote = "auto_map" in json.loads((path / "config.json").read_text())  # mean pooling (heads.py)
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=remote)
     if (path / "adapter_config.json").is_file():
         from peft import PeftConfig, PeftModel, PeftType
