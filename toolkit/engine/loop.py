@@ -194,7 +194,7 @@ def train(job: Job, accelerator, resume: Path | None = None):
 
     # ---- data: global batches sliced per process, masking seeded per example -------------------
     dataset = objective.make_dataset(job.train_data, split="train")
-    lengths = dataset.lengths() if getattr(t, "group_by_length", False) and hasattr(dataset, "lengths") else None
+    lengths = dataset.lengths() if t.group_by_length and hasattr(dataset, "lengths") else None
     sampler = GlobalBatchSampler(len(dataset), t.per_device_train_batch_size, world, rank, t.seed, lengths=lengths)
     if len(sampler) < accum:
         raise ToolkitError(

@@ -88,7 +88,7 @@ class Objective(nn.Module):
         return f"{len(data[0]['input_ids'])} tokens"
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
-        """Parameter groups for the optimizer; a group may carry its own `lr` (layer-wise decay)."""
+        """Parameter groups for the optimizer; a group may carry an `lr_scale` (layer-wise decay)."""
         from toolkit.engine.optim import param_groups
 
         return param_groups(self, weight_decay)
