@@ -253,6 +253,18 @@ def test_full_fine_tuning_learns_and_reloads(tmp_path, bert_ckpt, data_dir, monk
     assert len(rows) == 16 and {r["prediction"] for r in rows} <= {"neg", "pos"} and "p_pos" in rows[0]
 
 
+def test_resumed_fine_tuning_equals_an_uninterrupted_run(tmp_path, bert_ckpt, data_dir):
+    import shutil
+
+    r = recipe(tmp_path / "run", bert_ckpt, data_dir / "sentiment.csv", "lora", save_steps=4, save_total_limit=3)
+    straight = toolkit.finetune(r).metrics
+    losses = [m["loss"] for m in read_metrics(tmp_path / "run") if "loss" in m]
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "checkpoint-8")  # a crash after step 4
+    resumed = toolkit.finetune(r, training__resume_from_checkpoint="auto").metrics
+    assert [m["loss"] for m in read_metrics(tmp_path / "run") if "loss" in m] == pytest.approx(losses, abs=1e-6)
+    assert resumed["test_loss"] == pytest.approx(straight["test_loss"], abs=1e-6)
+
+
 def test_full_with_layerwise_decay_gives_lower_layers_smaller_rates(bert_ckpt, data_dir, tmp_path):
     from toolkit.engine.optim import make_optimizer
     from toolkit.finetuning.objective import SequenceClassifier, layer_depth
