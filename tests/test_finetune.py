@@ -372,6 +372,21 @@ def test_peft_modes_train_only_peft_weights_and_the_head_and_reload(tmp_path, be
     assert reloaded.config.id2label == {0: "neg", 1: "pos"}
 
 
+def test_prompt_text_initialisation_starts_from_the_words_embeddings(tmp_path, bert_ckpt, data_dir):
+    from toolkit.finetuning.modes import build, load_tokenizer
+    from toolkit.finetuning.pipeline import resolve
+    from toolkit.finetuning.tasks import load_task
+
+    r = resolve(recipe(tmp_path / "t", bert_ckpt, data_dir / "sentiment.csv", "prompt"), finetune__prompt_init="text")
+    tokenizer = load_tokenizer(str(bert_ckpt), None)
+    data = load_task(r.task, tokenizer)
+    built = build(r, data, tokenizer, str(bert_ckpt), torch.device("cpu"))
+    prompt = built.model.prompt_encoder["default"].embedding.weight
+    ids = tokenizer("Classify the text as neg or pos:")["input_ids"]  # as PEFT tokenizes it: [CLS] classify ...
+    words = built.base.bert.embeddings.word_embeddings.weight[ids]
+    assert prompt.shape[0] == 4 and torch.equal(prompt, words[:4])
+
+
 def test_prefix_fix_reaches_the_attention_and_keeps_token_positions(bert_ckpt):
     """transformers 5 + PEFT prefix tuning on BERT: with the fix the prefix is attended to (it changes
     the logits) and the real tokens keep positions 0..n-1."""
@@ -458,6 +473,11 @@ def test_splits_are_stratified_and_datasets_folders_and_jsonl_load(tmp_path):
     dd.save_to_disk(str(tmp_path / "dd"))
     loaded = load_task(TaskArgs(train_file=str(tmp_path / "dd"), text_fields=["review"], label_field="stars"))
     assert loaded.labels == ["1", "2", "3"] and loaded.rows["test"] == 6  # the folder's own test split
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "rows.parquet"))
+    loaded = load_task(
+        TaskArgs(train_file=str(tmp_path / "rows.parquet"), text_fields=["review"], label_field="stars", test_split=0)
+    )
+    assert loaded.test is None and loaded.rows == {"train": 27, "validation": 3}
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     loaded = load_task(
         TaskArgs(train_file=str(tmp_path / "rows.jsonl"), text_fields=["review"], label_field="stars", labels=[3, 2, 1])

@@ -110,7 +110,9 @@ class FinetuneArgs:
     )
     num_virtual_tokens: int = _help("prompt, prefix, ptuning: number of virtual tokens.", default=20)
     prompt_init: str = _help(
-        "prompt: random or text (start from the embeddings of prompt_init_text).", default="random"
+        "prompt: random (normal noise, PEFT's default), vocab (embeddings of random vocabulary tokens) or text "
+        "(the embeddings of prompt_init_text's tokens, repeated to num_virtual_tokens).",
+        default="random",
     )
     prompt_init_text: str | None = _help(
         "prompt: text whose token embeddings initialise the prompt; unset: 'Classify the text as A or B:'.",
@@ -185,7 +187,7 @@ class FinetuneRecipe:
             )
         _choice("finetune.mode", f.mode, MODES)
         _choice("finetune.pooling", f.pooling, ("cls", "mean"))
-        _choice("finetune.prompt_init", f.prompt_init, ("random", "text"))
+        _choice("finetune.prompt_init", f.prompt_init, ("random", "vocab", "text"))
         _choice("finetune.ptuning_encoder", f.ptuning_encoder, ("MLP", "LSTM"))
         _choice("finetune.qlora_quant_type", f.qlora_quant_type, ("nf4", "fp4"))
         if not 0 < f.layerwise_lr_decay <= 1:

@@ -167,7 +167,11 @@ def _peft_model(model, recipe, data, tokenizer, model_dir: str):
         text = f.prompt_init_text or default_prompt_text(data)
         cfg = peft.PromptTuningConfig(
             num_virtual_tokens=f.num_virtual_tokens,
-            prompt_tuning_init=peft.PromptTuningInit.TEXT if f.prompt_init == "text" else peft.PromptTuningInit.RANDOM,
+            prompt_tuning_init={
+                "random": peft.PromptTuningInit.RANDOM,
+                "vocab": peft.PromptTuningInit.SAMPLE_VOCAB,
+                "text": peft.PromptTuningInit.TEXT,
+            }[f.prompt_init],
             prompt_tuning_init_text=text if f.prompt_init == "text" else None,
             tokenizer_name_or_path=recipe.model.tokenizer_name_or_path or model_dir,
             **common,
