@@ -4,6 +4,8 @@ Python API (each returns the output folder and final metrics):
 
     import toolkit
     result = toolkit.pretrain("recipes/bert-mlm.yaml", training__max_steps=50)
+    tuned = toolkit.finetune("recipes/finetune-lora.yaml", model__model_name_or_path=str(result.output_dir))
+    table = toolkit.compare("recipes/finetune-compare.yaml").table
 """
 
 import logging as _logging
@@ -30,6 +32,27 @@ def evaluate(model, files, **kwargs) -> dict:
     return evaluate_model(model, files, **kwargs)
 
 
+def finetune(recipe=None, overrides=None, **kwargs):
+    """Fine-tune a checkpoint on labelled data; see `toolkit.finetuning.pipeline.finetune`."""
+    from toolkit.finetuning.pipeline import finetune as _finetune
+
+    return _finetune(recipe, overrides, **kwargs)
+
+
+def compare(recipe=None, overrides=None, **kwargs):
+    """Run several fine-tuning modes side by side; returns the table (`.table`) and its paths."""
+    from toolkit.finetuning.compare import compare as _compare
+
+    return _compare(recipe, overrides, **kwargs)
+
+
+def predict(model, file, output=None, **kwargs):
+    """Label every row of a file with a fine-tuned folder; returns (output path, metrics)."""
+    from toolkit.finetuning.predict import predict as _predict
+
+    return _predict(model, file, output, **kwargs)
+
+
 def train_tokenizer(texts, kind="wordpiece", vocab_size=30522, **kwargs):
     """Train a WordPiece or byte-level BPE tokenizer on an iterable of texts."""
     from toolkit.tokenizer import train_tokenizer as _train
@@ -37,4 +60,4 @@ def train_tokenizer(texts, kind="wordpiece", vocab_size=30522, **kwargs):
     return _train(texts, kind, vocab_size, **kwargs)
 
 
-__all__ = ["pretrain", "evaluate", "train_tokenizer", "__version__"]
+__all__ = ["pretrain", "evaluate", "finetune", "compare", "predict", "train_tokenizer", "__version__"]

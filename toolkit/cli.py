@@ -38,6 +38,53 @@ def _print_summary(output_dir, metrics: dict) -> None:
             print(f"validation {key}: {prefix}{after:.4f}")
 
 
+def _finetune(args) -> None:
+    if args.dry_run:
+        from toolkit.config import to_yaml
+        from toolkit.finetuning.pipeline import resolve
+
+        print(to_yaml(resolve(args.recipe, args.overrides)), end="")
+        return
+    from toolkit.finetuning.pipeline import finetune
+
+    result = finetune(args.recipe, overrides=args.overrides)
+    _print_finetune_summary(result.output_dir, result.metrics)
+
+
+def _print_finetune_summary(output_dir, metrics: dict) -> None:
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    print(f"\nsaved to {output_dir}")
+    for key in ("loss", "accuracy", "macro_f1", "mcc", "pearson", "spearman"):
+        before, after, test = (metrics.get(f"{p}_{key}") for p in ("initial_eval", "eval", "test"))
+        if after is not None:
+            prefix = f"{before:.4f} -> " if before is not None else ""
+            print(f"validation {key}: {prefix}{after:.4f}" + (f"   test: {test:.4f}" if test is not None else ""))
+
+
+def _predict(args) -> None:
+    from toolkit.finetuning.predict import predict
+
+    out, scores = predict(args.model, args.file, args.output, args.batch_size, args.text_fields, args.file_format)
+    print(f"predictions written to {out}")
+    if scores:
+        print(json.dumps(scores, indent=2))
+
+
+def _compare(args) -> None:
+    from toolkit.finetuning.compare import compare, mode_recipes
+
+    if args.dry_run:
+        from toolkit.config import to_yaml
+
+        for mode, recipe in mode_recipes(args.recipe, args.overrides)[1].items():
+            print(f"# ---- mode {mode}\n{to_yaml(recipe)}", end="")
+        return
+    compare(args.recipe, overrides=args.overrides)
+
+
 def _tokenizer(args) -> None:
     from toolkit.data import corpus
     from toolkit.tokenizer import train_tokenizer
@@ -74,6 +121,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted recipe overrides, values parsed as YAML")
     p.add_argument("--dry-run", action="store_true", help="print the resolved, validated recipe and stop")
     p.set_defaults(func=_pretrain)
+
+    modes = "frozen, full, prompt, prefix, ptuning, lora, qlora"
+    tasks = "movie-sentiment, movie-rating, sms-spam"
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a checkpoint on labelled data",
+        description=f"Fine-tune a checkpoint folder on a labelled task from a YAML recipe; override any key as "
+        f"key=value (e.g. finetune.mode=lora task.train_file=data.csv). Modes: {modes}. Built-in tasks "
+        f"(task.name): {tasks}.",
+    )
+    p.add_argument("recipe", help="YAML recipe, e.g. recipes/finetune-full.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted recipe overrides, values parsed as YAML")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved, validated recipe and stop")
+    p.set_defaults(func=_finetune)
+
+    p = sub.add_parser(
+        "predict",
+        help="label every row of a file with a fine-tuned model",
+        description="Load a folder written by toolkit finetune (model or adapter) and write a prediction (and class "
+        "probabilities) for every row of a CSV/TSV/JSON/JSONL/Parquet file; prints metrics when the file has labels.",
+    )
+    p.add_argument("model", help="a folder written by toolkit finetune")
+    p.add_argument("file", help="the rows to label")
+    p.add_argument("--output", help="output .csv or .jsonl (default: FILE-stem.predictions.csv here)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--text-fields", nargs="+", help="text column(s) (default: the ones the model was trained on)")
+    p.add_argument("--file-format", choices=["csv", "tsv", "json", "parquet"], help="when the suffix does not tell")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser(
+        "compare",
+        help="run several fine-tuning modes side by side",
+        description=f"Fine-tune the same checkpoint on the same task and seed in each of compare.modes ({modes}) and "
+        "write a Markdown table, a CSV and a plot of validation accuracy against training time into output_dir.",
+    )
+    p.add_argument("recipe", help="YAML recipe, e.g. recipes/finetune-compare.yaml")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted recipe overrides, e.g. 'compare.modes=[frozen,lora]'"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print each mode's resolved recipe and stop")
+    p.set_defaults(func=_compare)
 
     p = sub.add_parser("tokenizer", help="train a tokenizer on text files")
     p.add_argument("--files", nargs="+", required=True, help="text files, folders or globs")

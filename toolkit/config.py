@@ -99,6 +99,9 @@ class TrainingArgs:
     report_to: list = _help("Trackers: tensorboard, or [] for none.", default_factory=lambda: ["tensorboard"])
     torch_compile: bool = _help("Compile the model with torch.compile.", default=False)
     dataloader_num_workers: int = _help("DataLoader worker processes.", default=0)
+    group_by_length: bool = _help(
+        "Batch examples of similar length together (less padding) when the examples vary in length.", default=False
+    )
 
     def validate(self) -> None:
         """Rules on the training section alone (shared by every command)."""

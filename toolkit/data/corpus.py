@@ -13,32 +13,20 @@ from __future__ import annotations
 import codecs
 import glob
 import gzip
-import importlib.util
-import os
 from pathlib import Path
 
 from toolkit.errors import ToolkitError
+from toolkit.paths import resolve_path
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".raw", "")
 STRUCTURED = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-def _package_root(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise ToolkitError(f"package '{name}' is not installed: pip install it, or point at files on disk")
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def expand(specs: list[str], what: str = "data.train_files") -> list[Path]:
     """Files, folders (recursively), globs and pkg:// names -> a sorted list of existing files."""
     files: list[Path] = []
     for spec in specs:
-        spec = str(spec)
-        if spec.startswith("pkg://"):
-            package, _, rest = spec[len("pkg://") :].partition("/")
-            spec = str(_package_root(package) / rest)
-        spec = os.path.expanduser(spec)
+        spec = resolve_path(spec)
         if glob.has_magic(spec):
             matched = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
             if not matched:

@@ -26,13 +26,26 @@ def example_generator(*parts) -> torch.Generator:
 
 
 class GlobalBatchSampler:
-    """This process's share of each global batch of a seeded per-epoch permutation."""
+    """This process's share of each global batch of a seeded per-epoch permutation.
+
+    With `lengths` (variable-length examples), batches group examples of similar length, as
+    `group_by_length` does in transformers: the permutation is cut into chunks of 50 global batches,
+    each chunk is sorted by length and cut into global batches, and the batches are shuffled. Still a
+    pure function of (seed, epoch), so resumes and multi-process runs see the same batches."""
 
     def __init__(
-        self, n: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True
+        self,
+        n: int,
+        batch_size: int,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        lengths=None,
     ):
         self.n, self.batch_size, self.world_size, self.rank = n, batch_size, world_size, rank
         self.seed, self.shuffle, self.epoch, self.start = seed, shuffle, 0, 0
+        self.lengths = None if lengths is None else torch.as_tensor(lengths)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Select the epoch's permutation; `start` skips that many batches (a resume) without reading them."""
@@ -47,6 +60,13 @@ class GlobalBatchSampler:
         else:
             order = torch.arange(self.n)
         global_batch = self.batch_size * self.world_size
+        if self.lengths is not None and len(self) > 0:
+            order = order[: len(self) * global_batch]
+            chunks = order.split(global_batch * 50)
+            order = torch.cat([c[torch.argsort(self.lengths[c], descending=True, stable=True)] for c in chunks])
+            batches = order.view(len(self), global_batch)
+            shuffled = torch.randperm(len(self), generator=example_generator(self.seed, self.epoch, "batches"))
+            order = batches[shuffled].flatten()
         for k in range(self.start, len(self)):
             start = k * global_batch + self.rank * self.batch_size
             yield order[start : start + self.batch_size].tolist()

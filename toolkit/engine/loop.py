@@ -137,20 +137,54 @@ def add_into(totals: dict, prefix: str, values: dict) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, objective, loader, accelerator, max_batches: int | None = None) -> dict[str, float]:
+def evaluate(
+    model, objective, loader, accelerator, max_batches: int | None = None, examples_out: dict | None = None
+) -> dict[str, float]:
+    """Metrics over a loader. Sums (losses, counts, stats) are reduced over processes; entries of the
+    objective's stats named `example/<key>` are per-example tensors (predictions, labels) that are
+    gathered from every process in dataset order for metrics that need all of them (F1, correlations);
+    pass `examples_out` to receive them."""
     was_training = model.training
     model.eval()
     totals: dict = {}
+    examples: dict[str, list] = {}
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
         batch = to_device(batch, accelerator.device)
         losses, stats = model(batch)
+        per_example = {k[len("example/") :]: stats.pop(k) for k in [k for k in stats if k.startswith("example/")]}
+        if per_example:
+            per_example["idx"] = batch["idx"]
+            for k, v in per_example.items():
+                examples.setdefault(k, []).append(v.detach())
         add_into(totals, "loss/", losses)
         add_into(totals, "count/", objective.counts(batch))
         add_into(totals, "", stats)
     model.train(was_training)
-    return objective.metrics(reduce_totals(accelerator, totals))
+    metrics = objective.metrics(reduce_totals(accelerator, totals))
+    if examples:
+        gathered = gather_examples(accelerator, examples)
+        metrics.update(objective.example_metrics(gathered))
+        if examples_out is not None:
+            examples_out.update(gathered)
+    return metrics
+
+
+def gather_examples(accelerator, parts: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-example tensors from every process, in dataset order (`idx`), each example once.
+    The evaluation shards differ in length by up to one batch, so each process pads to the longest
+    before the all-gather and the padding is cut off again from the known lengths."""
+    local = {k: torch.cat(v) for k, v in parts.items()}
+    if accelerator.num_processes > 1:
+        sizes = accelerator.gather(torch.tensor([len(local["idx"])], device=accelerator.device)).tolist()
+        padded = accelerator.pad_across_processes({k: v.to(accelerator.device) for k, v in local.items()}, dim=0)
+        full = accelerator.gather(padded)
+        longest = max(sizes)
+        keep = torch.cat([torch.arange(r * longest, r * longest + n) for r, n in enumerate(sizes)])
+        local = {k: v[keep.to(v.device)] for k, v in full.items()}
+    order = local["idx"].argsort()
+    return {k: v[order].cpu() for k, v in local.items()}
 
 
 def eval_loader(job: Job, accelerator, seed: int):
@@ -175,7 +209,8 @@ def train(job: Job, accelerator, resume: Path | None = None):
 
     # ---- data: global batches sliced per process, masking seeded per example -------------------
     dataset = objective.make_dataset(job.train_data, split="train")
-    sampler = GlobalBatchSampler(len(dataset), t.per_device_train_batch_size, world, rank, t.seed)
+    lengths = dataset.lengths() if t.group_by_length and hasattr(dataset, "lengths") else None
+    sampler = GlobalBatchSampler(len(dataset), t.per_device_train_batch_size, world, rank, t.seed, lengths=lengths)
     if len(sampler) < accum:
         raise ToolkitError(
             f"the training data has {len(dataset)} examples, fewer than one optimizer step needs "
@@ -233,7 +268,7 @@ def train(job: Job, accelerator, resume: Path | None = None):
     if main:
         print(
             f"training: {steps} steps, {distributed.describe(accelerator)}, {optimizer_name(optimizer)}, global batch "
-            f"{t.per_device_train_batch_size * world * accum} x {len(job.train_data[0]['input_ids'])} tokens, "
+            f"{t.per_device_train_batch_size * world * accum} x {objective.describe_example(job.train_data)}, "
             f"{len(sampler) // accum} steps per epoch" + (f", resumed at step {step}" if step else "")
         )
 
@@ -295,8 +330,9 @@ def train(job: Job, accelerator, resume: Path | None = None):
                 optimizer.zero_grad(set_to_none=True)
             add_into(interval, "loss/", losses)
             add_into(interval, "", stats)
-            interval_tokens += batch["input_ids"].numel() * world
-            tokens_seen += batch["input_ids"].numel() * world
+            n_tokens = objective.num_tokens(batch) * world
+            interval_tokens += n_tokens
+            tokens_seen += n_tokens
         add_into(interval, "count/", counts)
 
         # 3. the schedule advances only with the weights: not on a skipped step
@@ -334,7 +370,8 @@ def train(job: Job, accelerator, resume: Path | None = None):
             interval_skips = {"nonfinite": 0, "scaler": 0}
         if evals is not None and ((t.eval_steps and step % t.eval_steps == 0) or step == steps):
             history["eval"] = evaluate(model, objective, evals, accelerator, t.max_eval_batches)
-            log.log(step, {f"eval_{k}": v for k, v in history["eval"].items()})
+            # training seconds so far (evaluation and checkpoints are off the clock), for accuracy-vs-time plots
+            log.log(step, {**{f"eval_{k}": v for k, v in history["eval"].items()}, "train_seconds": elapsed})
         if (t.save_steps and step % t.save_steps == 0) or step == steps:
             save_checkpoint()
     bar.close()

@@ -42,7 +42,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model: nn.Module, t, device: torch.device, deepspeed_config: dict | None = None):
-    groups = [g for g in param_groups(model, t.weight_decay) if g["params"]]
+    if hasattr(model, "optimizer_groups"):  # an objective may shape them (layer-wise learning rates)
+        groups = model.optimizer_groups(t.weight_decay)
+    else:
+        groups = param_groups(model, t.weight_decay)
+    groups = [g for g in groups if g["params"]]
+    for group in groups:  # a group's `lr_scale` multiplies the learning rate (the schedule applies to all)
+        group["lr"] = t.learning_rate * group.pop("lr_scale", 1.0)
     betas = (t.adam_beta1, t.adam_beta2)
     if deepspeed_config is not None and "optimizer" in deepspeed_config:
         from accelerate.utils import DummyOptim

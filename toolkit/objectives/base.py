@@ -110,9 +110,23 @@ class Objective(nn.Module):
     def make_collator(self, tokenizer, seed: int, salt: str = "train"):
         raise NotImplementedError
 
+    def describe_example(self, data) -> str:
+        """How one training example reads in the start-of-training line ('128 tokens')."""
+        return f"{len(data[0]['input_ids'])} tokens"
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """Parameter groups for the optimizer; a group may carry an `lr_scale` (layer-wise decay)."""
+        from toolkit.engine.optim import param_groups
+
+        return param_groups(self, weight_decay)
+
     # ---- the step -----------------------------------------------------------------------------
     def counts(self, batch: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def num_tokens(self, batch: dict) -> int:
+        """Tokens in a micro-batch, for the tokens-per-second log."""
+        return batch["input_ids"].numel()
 
     def forward(self, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         raise NotImplementedError
@@ -127,6 +141,12 @@ class Objective(nn.Module):
             if len(self.loss_weights) > 1:
                 out[f"{k}_loss"] = component
         return out
+
+    def example_metrics(self, examples: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Metrics that need every example (F1, correlations). In eval mode `forward` may return
+        per-example tensors as stats named `example/<key>`; `evaluate` gathers them from all
+        processes, in dataset order, into `examples[<key>]` (plus `idx`)."""
+        return {}
 
     # ---- outputs ------------------------------------------------------------------------------
     def save_pretrained(self, output_dir, state_dict: dict | None = None) -> None:

@@ -1,0 +1,148 @@
+"""`toolkit predict`: load a fine-tuned folder (model or adapter) and label every row of a file.
+
+Loading uses the plain calls a model card shows: `AutoModelForSequenceClassification` for full and
+frozen outputs (with `trust_remote_code` for mean pooling), the recorded base plus
+`PeftModel.from_pretrained` for adapters (4-bit for QLoRA, the prefix fix for prefix tuning).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import torch
+
+from toolkit.errors import ToolkitError
+
+
+def load_finetuned(path: str | Path):
+    """(model in eval mode, tokenizer, recipe dict or {}) of a folder written by `toolkit finetune`."""
+    import yaml
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from toolkit.finetuning.modes import load_tokenizer
+    from toolkit.paths import resolve_path
+
+    path = Path(resolve_path(path))
+    if not (path / "config.json").is_file():
+        raise ToolkitError(f"'{path}' is not a fine-tuned model folder (it has no config.json)")
+    recipe = yaml.safe_load((path / "recipe.yaml").read_text()) if (path / "recipe.yaml").is_file() else {}
+    remote = "auto_map" in json.loads((path / "config.json").read_text())  # mean pooling (heads.py)
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=remote)
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftConfig, PeftModel, PeftType
+
+        from toolkit.finetuning.prefix import support_prefix_tuning
+
+        peft_config = PeftConfig.from_pretrained(str(path))
+        base = peft_config.base_model_name_or_path
+        if not Path(base).is_dir():
+            raise ToolkitError(f"the base model of '{path}' is not on this machine: '{base}' (see adapter_config.json)")
+        kwargs = {}
+        if recipe.get("finetune", {}).get("mode") == "qlora":
+            from toolkit.finetuning.config import FinetuneArgs
+            from toolkit.finetuning.modes import _bnb_config
+
+            known = {k: v for k, v in recipe["finetune"].items() if k in FinetuneArgs.__dataclass_fields__}
+            kwargs.update(quantization_config=_bnb_config(FinetuneArgs(**known), config), device_map={"": "cpu"})
+        model = AutoModelForSequenceClassification.from_pretrained(base, config=config, **kwargs)
+        model = PeftModel.from_pretrained(model, str(path))
+        if peft_config.peft_type == PeftType.PREFIX_TUNING:
+            support_prefix_tuning(model)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), trust_remote_code=remote)
+    return model.eval(), load_tokenizer(str(path), None), recipe
+
+
+def predict(
+    model_dir: str | Path,
+    file: str,
+    output: str | Path | None = None,
+    batch_size: int = 32,
+    text_fields: list[str] | None = None,
+    file_format: str | None = None,
+) -> tuple[Path, dict]:
+    """Write a prediction for every row of `file` (CSV/TSV/JSON/JSONL/Parquet) to `output` (.csv or
+    .jsonl); returns (output path, metrics when the file has the label column, else {})."""
+    from toolkit.finetuning import metrics as task_metrics
+    from toolkit.finetuning.heads import is_decoder
+    from toolkit.finetuning.pipeline import _quiet_datasets
+    from toolkit.finetuning.tasks import _label_strings, read_table, tokenize
+
+    model, tokenizer, recipe = load_finetuned(model_dir)
+    task = recipe.get("task", {})
+    fields = list(text_fields or task.get("text_fields") or ["text"])
+    label_field = task.get("label_field", "label")
+    max_len = task.get("max_seq_length") or 128
+    with _quiet_datasets():
+        table = read_table(file, file_format or task.get("file_format"), "predict")
+        if hasattr(table, "keys"):
+            if "test" not in table:
+                raise ToolkitError(
+                    f"'{file}' holds splits {', '.join(table.keys())}: name a file or a folder with a 'test' split"
+                )
+            table = table["test"]
+        missing = [c for c in fields if c not in table.column_names]
+        if missing:
+            raise ToolkitError(
+                f"no column {', '.join(map(repr, missing))} in '{file}': its columns are {', '.join(table.column_names)}; "
+                "pass --text-fields"
+            )
+        encoded = tokenize(table, tokenizer, fields, max_len)
+    config = model.config
+    regression = config.problem_type == "regression"
+    mode = recipe.get("finetune", {}).get("mode")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    pad_to = max_len if mode in ("prompt", "ptuning") and is_decoder(base) else None
+
+    columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in encoded.column_names]
+    logits = []
+    with torch.no_grad():
+        for start in range(0, len(encoded), batch_size):
+            rows = encoded.select_columns(columns)[start : start + batch_size]
+            width = pad_to or max(len(x) for x in rows["input_ids"])
+            batch = {}
+            for c in columns:
+                fill = tokenizer.pad_token_id if c == "input_ids" else 0
+                t = torch.full((len(rows["input_ids"]), width), fill, dtype=torch.long)
+                for r, seq in enumerate(rows[c]):
+                    t[r, : len(seq)] = torch.tensor(seq)
+                batch[c] = t
+            logits.append(model(**batch).logits.float())
+    logits = torch.cat(logits)
+
+    out = Path(output) if output else Path(f"{Path(str(file).rstrip('/')).stem}.predictions.csv")
+    names = [config.id2label[i] for i in range(config.num_labels)]
+    records = table.to_list()
+    if regression:
+        for rec, value in zip(records, logits[:, 0].tolist()):
+            rec["prediction"] = value
+    else:
+        probs = torch.softmax(logits, -1)
+        for rec, p in zip(records, probs.tolist()):
+            rec["prediction"] = names[max(range(len(p)), key=p.__getitem__)]
+            rec.update({f"p_{n}": round(v, 6) for n, v in zip(names, p)})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".jsonl":
+        out.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
+    else:
+        with out.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(records[0]) if records else ["prediction"])
+            writer.writeheader()
+            writer.writerows(records)
+
+    scores: dict = {}
+    if label_field in table.column_names:
+        values = table[label_field][:]
+        if regression:
+            labels = torch.tensor([float(v) for v in values])
+        else:
+            strings = _label_strings(table.features[label_field], values)
+            if all(s in config.label2id for s in strings):
+                labels = torch.tensor([config.label2id[s] for s in strings])
+            else:
+                labels = None
+        if labels is not None:
+            scores = task_metrics.compute("regression" if regression else "classification", logits, labels)
+    return out, scores
