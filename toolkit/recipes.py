@@ -8,14 +8,21 @@ from pathlib import Path
 from toolkit.config import PretrainRecipe, load_recipe, read_yaml
 from toolkit.errors import ToolkitError
 
-# Which recipe class a YAML file is, by its top-level sections.
-RECIPE_KINDS: list[tuple[str, type]] = []  # (section that identifies it, recipe class); pretraining otherwise
+# Which recipe class a YAML file is, by its top-level sections: (section, "module:Class"), imported
+# only when a file has that section; pretraining otherwise.
+RECIPE_KINDS: list[tuple[str, str]] = [
+    ("finetune", "toolkit.finetuning.config:FinetuneRecipe"),
+    ("task", "toolkit.finetuning.config:FinetuneRecipe"),
+]
 
 
 def recipe_class(data: dict):
-    for section, cls in RECIPE_KINDS:
+    import importlib
+
+    for section, target in RECIPE_KINDS:
         if section in data:
-            return cls
+            module, name = target.split(":")
+            return getattr(importlib.import_module(module), name)
     return PretrainRecipe
 
 
