@@ -102,7 +102,9 @@ def main() -> int:
     compare_recipe = REPO / "recipes" / "finetune-compare.yaml"
     if not args.skip_finetune:
         out = REPO / "outputs" / "demo-compare"
-        print(f"\n== fine-tuning MiniLM on movie-review sentiment: frozen, full and prompt, with {compare_recipe.relative_to(REPO)}")
+        print(
+            f"\n== fine-tuning MiniLM on movie-review sentiment: frozen, full and prompt, with {compare_recipe.relative_to(REPO)}"
+        )
         try:
             comparison = toolkit.compare(compare_recipe, output_dir=str(out), training__overwrite_output_dir=True)
         except ToolkitError as e:
