@@ -6,6 +6,7 @@ Python API (each returns the output folder and final metrics):
     result = toolkit.pretrain("recipes/bert-mlm.yaml", training__max_steps=50)
     tuned = toolkit.finetune("recipes/finetune-lora.yaml", model__model_name_or_path=str(result.output_dir))
     table = toolkit.compare("recipes/finetune-compare.yaml").table
+    report = toolkit.compress("recipes/compress-quantize.yaml").table
 """
 
 import logging as _logging
@@ -46,6 +47,14 @@ def compare(recipe=None, overrides=None, **kwargs):
     return _compare(recipe, overrides, **kwargs)
 
 
+def compress(recipe=None, overrides=None, **kwargs):
+    """Quantize, prune or distill a model and write the size/speed/accuracy report; see
+    `toolkit.compression.pipeline.compress`."""
+    from toolkit.compression.pipeline import compress as _compress
+
+    return _compress(recipe, overrides, **kwargs)
+
+
 def predict(model, file, output=None, **kwargs):
     """Label every row of a file with a fine-tuned folder; returns (output path, metrics)."""
     from toolkit.finetuning.predict import predict as _predict
@@ -60,4 +69,4 @@ def train_tokenizer(texts, kind="wordpiece", vocab_size=30522, **kwargs):
     return _train(texts, kind, vocab_size, **kwargs)
 
 
-__all__ = ["pretrain", "evaluate", "finetune", "compare", "predict", "train_tokenizer", "__version__"]
+__all__ = ["pretrain", "evaluate", "finetune", "compare", "compress", "predict", "train_tokenizer", "__version__"]

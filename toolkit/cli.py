@@ -85,6 +85,17 @@ def _compare(args) -> None:
     compare(args.recipe, overrides=args.overrides)
 
 
+def _compress(args) -> None:
+    from toolkit.compression.pipeline import compress, resolve
+
+    if args.dry_run:
+        from toolkit.config import to_yaml
+
+        print(to_yaml(resolve(args.recipe, args.overrides)), end="")
+        return
+    compress(args.recipe, overrides=args.overrides)
+
+
 def _tokenizer(args) -> None:
     from toolkit.data import corpus
     from toolkit.tokenizer import train_tokenizer
@@ -162,6 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="print each mode's resolved recipe and stop")
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser(
+        "compress",
+        help="quantize, prune or distill a model, with a size/speed/accuracy report",
+        description="Compress a model from a YAML recipe (compress.method: quantize, prune or distill) and write "
+        "report.md, report.csv and report.png comparing parameters, size on disk, CPU latency and test quality "
+        "with the original; override any key as key=value (e.g. compress.sparsity=0.7).",
+    )
+    p.add_argument("recipe", help="YAML recipe, e.g. recipes/compress-quantize.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted recipe overrides, values parsed as YAML")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved, validated recipe and stop")
+    p.set_defaults(func=_compress)
 
     p = sub.add_parser("tokenizer", help="train a tokenizer on text files")
     p.add_argument("--files", nargs="+", required=True, help="text files, folders or globs")

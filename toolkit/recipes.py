@@ -11,6 +11,7 @@ from toolkit.errors import ToolkitError
 # Which recipe class a YAML file is, by its top-level sections: (section, "module:Class"), imported
 # only when a file has that section; pretraining otherwise.
 RECIPE_KINDS: list[tuple[str, str]] = [
+    ("compress", "toolkit.compression.config:CompressRecipe"),
     ("finetune", "toolkit.finetuning.config:FinetuneRecipe"),
     ("task", "toolkit.finetuning.config:FinetuneRecipe"),
 ]

@@ -101,7 +101,10 @@ class SequenceClassifier(Objective):
         return {"task": batch["labels"].new_tensor(batch["labels"].shape[0], dtype=torch.long)}
 
     def forward(self, batch):
-        logits, labels = self.logits(batch).float(), batch["labels"]
+        return self.score(self.logits(batch).float(), batch["labels"])
+
+    def score(self, logits: torch.Tensor, labels: torch.Tensor):
+        """(summed task loss, stats) of fp32 logits against the labels."""
         if self.problem_type == "regression":
             loss = F.mse_loss(logits.squeeze(-1), labels, reduction="sum")
             stats = {}
