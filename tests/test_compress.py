@@ -331,3 +331,58 @@ def test_cli_compress_bad_sparsity_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "compress.sparsity=1.5 must be between 0 and 1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_masked_lm_distillation_on_raw_text(tmp_path, wordpiece_dir, corpus_dir):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from toolkit.engine.tracking import read_metrics
+
+    teacher_dir = tmp_path / "teacher"
+    tokenizer = AutoTokenizer.from_pretrained(wordpiece_dir)
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), **TINY_MODEL)).save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    recipe = {
+        "output_dir": str(tmp_path / "c"),
+        "data": {"train_files": [str(corpus_dir)], "max_seq_length": 32, "validation_split_percentage": 10},
+        "compress": {
+            "method": "distill",
+            "objective": "mlm",
+            "teacher": str(teacher_dir),
+            "student_layers": 1,
+            "student_config": {"intermediate_size": 64},
+            "alpha": 1.0,
+        },
+        "training": {**TRAINING, "max_steps": 12, "learning_rate": 3e-3, "eval_steps": 6, "max_eval_batches": 2},
+        "report": {"latency_batch_size": 4, "latency_repeats": 3, "eval_batch_size": 16},
+    }
+    result = toolkit.compress(recipe)
+    assert [r.name for r in result.rows] == ["teacher", "baseline", "student"]
+    for row in result.rows:
+        assert 0 < row.metrics["mlm_loss"] < 20 and 0 <= row.metrics["mlm_accuracy"] <= 1
+    student = AutoModelForMaskedLM.from_pretrained(tmp_path / "c" / "student")
+    assert student.config.num_hidden_layers == 1 and student.config.intermediate_size == 64
+    kd = [m["eval_kd_loss"] for m in read_metrics(tmp_path / "c" / "student") if "eval_kd_loss" in m]
+    assert len(kd) >= 2 and kd[-1] < kd[0]  # the student moves towards the teacher's distributions
+
+
+def test_cli_compress_writes_the_report(tmp_path, classifier, sentiment_csv):
+    proc = run_cli(
+        "compress",
+        "recipes/compress-prune.yaml",
+        f"output_dir={tmp_path / 'c'}",
+        f"model.model_name_or_path={classifier}",
+        "task.name=null",
+        f"task.train_file={sentiment_csv}",
+        "task.max_seq_length=16",
+        "task.validation_split=0.2",
+        "task.test_split=0.2",
+        "compress.recovery_epochs=0",
+        "report.latency_batch_size=4",
+        "report.latency_repeats=2",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = (tmp_path / "c" / "report.md").read_text()
+    assert "| original |" in table and "| pruned |" in table and "median of 2 forward passes" in table
+    assert "report written to" in proc.stdout
