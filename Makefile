@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-slow lint bench clean
+.PHONY: setup demo test test-slow lint bench bench-finetune bench-compress clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +39,12 @@ lint: setup
 
 bench: setup
 	$(PY) bench/pretrain_throughput.py
+
+bench-finetune: setup
+	$(PY) bench/finetune_quality.py
+
+bench-compress: setup
+	$(PY) bench/compress_quality.py
 
 clean:
 	rm -rf outputs .cache .pytest_cache

@@ -83,7 +83,7 @@ def compress_recipe(out, model, sentiment_csv, **compress) -> dict:
         "task": task(sentiment_csv),
         "compress": compress,
         "training": dict(TRAINING),
-        "report": {"latency_batch_size": 4, "latency_repeats": 3},
+        "report": {"latency_batch_size": 4, "latency_repeats": 3, "compile": False},
     }
 
 
@@ -355,7 +355,7 @@ def test_masked_lm_distillation_on_raw_text(tmp_path, wordpiece_dir, corpus_dir)
             "alpha": 1.0,
         },
         "training": {**TRAINING, "max_steps": 12, "learning_rate": 3e-3, "eval_steps": 6, "max_eval_batches": 2},
-        "report": {"latency_batch_size": 4, "latency_repeats": 3, "eval_batch_size": 16},
+        "report": {"latency_batch_size": 4, "latency_repeats": 3, "compile": False},
     }
     result = toolkit.compress(recipe)
     assert [r.name for r in result.rows] == ["teacher", "baseline", "student"]
@@ -385,4 +385,42 @@ def test_cli_compress_writes_the_report(tmp_path, classifier, sentiment_csv):
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = (tmp_path / "c" / "report.md").read_text()
     assert "| original |" in table and "| pruned |" in table and "median of 2 forward passes" in table
+    assert "compiled (torch.compile" in table and "torch.compile failed" not in table
     assert "report written to" in proc.stdout
+
+
+@pytest.mark.multiproc
+def test_distillation_under_two_processes_equals_one(tmp_path, classifier, sentiment_csv):
+    """Distillation runs on the engine: 2 processes x batch 4 take the steps of 1 process x batch 8."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import REPO
+
+    files = {}
+    for procs, batch in ((1, 8), (2, 4)):
+        recipe = compress_recipe(
+            tmp_path / f"p{procs}", classifier, sentiment_csv, method="distill", teacher=str(classifier)
+        )
+        recipe["model"] = {}
+        recipe["compress"].update(student_layers=1, baseline=False, student_config={"intermediate_size": 96})
+        recipe["training"].update(per_device_train_batch_size=batch, max_steps=6, logging_steps=1, learning_rate=3e-3)
+        files[procs] = tmp_path / f"p{procs}.yaml"
+        files[procs].write_text(yaml.safe_dump(recipe))
+    assert run_cli("compress", str(files[1])).returncode == 0
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "1"}
+    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--main_process_port", "29623", "-m", "toolkit", "compress", str(files[2])]
+    proc = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def losses(folder):
+        rows = [json.loads(line) for line in (folder / "student" / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r]
+
+    assert len(losses(tmp_path / "p1")) == 6
+    assert losses(tmp_path / "p2") == pytest.approx(losses(tmp_path / "p1"), abs=1e-5)
+    report = (tmp_path / "p2" / "report.md").read_text()
+    assert report.count("| student |") == 1 and report.count("| teacher |") == 1

@@ -85,12 +85,17 @@ class CompressArgs:
 class ReportArgs:
     """How the before/after report measures each model."""
 
-    latency_batch_size: int = _help("CPU latency: examples per batch.", default=32)
+    latency_batch_size: int = _help("CPU latency (and test metrics): examples per batch.", default=32)
     latency_seq_length: int | None = _help(
         "CPU latency: tokens per example (every example padded to it); unset: task.max_seq_length.", default=None
     )
     latency_repeats: int = _help("CPU latency: timed runs (the median is reported), after 3 warm-up runs.", default=20)
-    eval_batch_size: int = _help("Batch size when measuring test accuracy.", default=64)
+    compile: bool = _help(
+        "Run every model compiled (torch.compile, inductor, weights frozen) for latency and test metrics, as CPU "
+        "inference is deployed; torchao's int8 kernels are fast only this way on CPUs without AVX512-VNNI. false: "
+        "eager PyTorch (no compile time; int8 then runs far slower than fp32 on such CPUs).",
+        default=True,
+    )
 
 
 @dataclass
@@ -168,8 +173,8 @@ class CompressRecipe:
                 )
         elif c.method == "distill" or self.task.name or self.task.train_file:
             self._validate_task()  # the task rules of fine-tuning: a built-in task or files, splits, lengths
-        if r.latency_batch_size < 1 or r.latency_repeats < 1 or r.eval_batch_size < 1:
-            raise ToolkitError("report.latency_batch_size, latency_repeats and eval_batch_size must be at least 1")
+        if r.latency_batch_size < 1 or r.latency_repeats < 1:
+            raise ToolkitError("report.latency_batch_size and report.latency_repeats must be at least 1")
         if t.learning_rate is None:
             t.learning_rate = 5e-5
         t.validate()

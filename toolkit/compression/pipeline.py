@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,32 +59,40 @@ class Subject:
     reference: dict = field(default_factory=dict)  # the first model's logits / outputs
 
     def measure(self, name: str, model, folder, note: str = "") -> Row:
+        """One row of the report (on the main process; the others, which only help train, get a blank)."""
+        if not is_main():
+            return Row(name=name, folder=str(folder), params=0, nonzero_params=0, size_bytes=0, latency_ms=0.0)
         r = self.recipe.report
         params, nonzero = measure.count_parameters(model)
+        runner = measure.Runner(model, r.compile)
         row = Row(
             name=name,
             folder=str(folder),
             params=params,
             nonzero_params=nonzero,
             size_bytes=measure.weights_size(Path(folder)),
-            latency_ms=measure.latency_ms(model, self.batch, r.latency_repeats),
+            latency_ms=measure.latency_ms(runner, self.batch, r.latency_repeats),
             note=note,
         )
         split = None if self.data is None else self.data.test if self.data.test is not None else self.data.validation
         if self.kind == "classifier" and split is not None:
+            pad = self.tokenizer.pad_token_id
+            length = self.recipe.task.max_seq_length
             result = measure.classification_metrics(
-                model, split, self.data.problem_type, self.tokenizer.pad_token_id, r.eval_batch_size
+                runner, split, self.data.problem_type, pad, r.latency_batch_size, length
             )
             row.metrics.update(result["scores"])
             reference = self.reference.setdefault("logits", result["logits"])
             if self.data.problem_type != "regression":
                 row.metrics["agreement"] = measure.agreement(reference, result["logits"])
         elif self.blocks is not None:
-            row.metrics.update(measure.mlm_metrics(model, self.blocks, self.tokenizer, r.eval_batch_size))
+            row.metrics.update(measure.mlm_metrics(model, self.blocks, self.tokenizer, r.latency_batch_size))
         else:
-            outputs = measure.outputs(model, self.batch)
+            outputs = measure.outputs(runner, self.batch)
             reference = self.reference.setdefault("outputs", outputs)
             row.metrics["output_cosine"] = measure.cosine(reference, outputs, self.batch["attention_mask"])
+        if runner.mode.startswith("eager ("):
+            row.note = f"{row.note}; measured {runner.mode}" if row.note else f"measured {runner.mode}"
         print(f"measured {name}: {row.latency_ms:.1f} ms per batch, " + _describe(row.metrics))
         return row
 
@@ -100,8 +109,6 @@ def compress(recipe=None, overrides: list[str] | dict | None = None, **kwargs) -
 
 
 def run(recipe: CompressRecipe) -> CompressResult:
-    from accelerate import PartialState
-
     out = Path(recipe.output_dir)
     check_output_dir(out, recipe.training)
     c = recipe.compress
@@ -113,9 +120,7 @@ def run(recipe: CompressRecipe) -> CompressResult:
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     method = {"quantize": _quantize, "prune": _prune, "distill": _distill}[c.method]
     title, conditions, rows, models = method(recipe, out)
-    state = PartialState()
-    if not state.is_main_process:
-        state.wait_for_everyone()
+    if not is_main():  # the report is the main process's
         return CompressResult(out, rows, "", out / "report.md", out / "report.csv", None, models)
     from toolkit.compression import report
 
@@ -125,8 +130,13 @@ def run(recipe: CompressRecipe) -> CompressResult:
     results = {"method": c.method, "conditions": conditions, "rows": [report.flat(r, rows[0]) for r in rows]}
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
     print("\n" + table + f"\n\nreport written to {md}, {csv_path}" + (f" and {png}" if png else ""))
-    state.wait_for_everyone()
     return CompressResult(out, rows, table, md, csv_path, png, models)
+
+
+def is_main() -> bool:
+    """Whether this is the main process of the launch (or the only one). Read from the launcher's
+    environment: the process group is set up by the training engine, with the launch checks."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def check_output_dir(out: Path, t) -> None:
@@ -221,8 +231,11 @@ def _load(recipe: CompressRecipe):
 
 
 def _save(folder: Path, model, tokenizer, state_dict: dict | None = None) -> None:
-    """An ordinary Hugging Face folder, written in full before it takes the final name."""
+    """An ordinary Hugging Face folder, written in full before it takes the final name (main process)."""
     from toolkit.pretraining import publish
+
+    if not is_main():
+        return
 
     def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp), state_dict=state_dict)
@@ -234,7 +247,9 @@ def _save(folder: Path, model, tokenizer, state_dict: dict | None = None) -> Non
 def _conditions(recipe: CompressRecipe, subject: Subject, extra: str) -> str:
     r = recipe.report
     b, length = subject.batch["input_ids"].shape
-    where = f"{torch.get_num_threads()} CPU threads"
+    where = f"{torch.get_num_threads()} CPU threads, " + (
+        "compiled (torch.compile, inductor, frozen weights; compile time not counted)" if r.compile else "eager"
+    )
     quality = (
         f"quality on the {'test' if subject.data.test is not None else 'validation'} split of {subject.data.source}"
         if subject.kind == "classifier"
@@ -256,6 +271,9 @@ def _quantize(recipe: CompressRecipe, out: Path):
     from toolkit.compression.quantize import load_quantized, reload
 
     model_dir, tokenizer, kind, auto_class = _load(recipe)
+    title = f"Quantization of {recipe.model.model_name_or_path}"
+    if not is_main():  # nothing to train: the main process does it all
+        return title, "", [], {}
     subject = subject_for(recipe, recipe.model.model_name_or_path, model_dir, kind, tokenizer)
     original = load_model(auto_class, model_dir)
     rows = [subject.measure("original", original, model_dir, "the full-precision input model (canonical weights)")]
@@ -267,7 +285,6 @@ def _quantize(recipe: CompressRecipe, out: Path):
         reloaded = reload(out / scheme, auto_class)  # what is measured is what users load
         models[scheme] = reloaded
         rows.append(subject.measure(scheme, reloaded, out / scheme, NOTES[scheme]))
-    title = f"Quantization of {recipe.model.model_name_or_path}"
     return title, _conditions(recipe, subject, f"Schemes: {', '.join(recipe.compress.schemes)}."), rows, models
 
 
@@ -379,6 +396,9 @@ def _structured_saver(tokenizer):
     from toolkit.pretraining import publish
 
     def save(folder: Path, model) -> None:
+        if not is_main():
+            return
+
         def write(tmp: Path) -> None:
             save_pruned(model, tmp)
             tokenizer.save_pretrained(str(tmp))
