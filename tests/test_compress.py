@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODEL, run_cli
+from conftest import REPO, TINY_MODEL, run_cli
 
 import toolkit
 from toolkit.errors import ToolkitError
@@ -255,7 +255,15 @@ def test_student_layers_are_copied_from_the_teacher(classifier):
 
     from toolkit.compression.distill import build_student, layer_indices
 
-    assert layer_indices(3, 6) == [0, 2, 5] or layer_indices(3, 6) == [0, 3, 5]
+    assert layer_indices(3, 6) == [0, 2, 5]
+    assert layer_indices(1, 6) == [5]
+    from toolkit.compression.pipeline import resolve
+
+    recipe = resolve(REPO / "recipes" / "compress-distill.yaml", ["compress.student_layers=3"])
+    assert recipe.compress.student_layers == 3  # a count stays a count (not the list [3])
+    assert resolve(
+        REPO / "recipes" / "compress-distill.yaml", ["compress.student_layers=[1]"]
+    ).compress.student_layers == [1]
     assert layer_indices([4, 1], 6) == [1, 4]
     teacher = AutoModelForSequenceClassification.from_pretrained(classifier)
     student, _ = build_student(AutoModelForSequenceClassification, str(classifier), teacher.config, [1], {})
@@ -397,7 +405,6 @@ def test_distillation_under_two_processes_equals_one(tmp_path, classifier, senti
     import sys
 
     import yaml
-    from conftest import REPO
 
     files = {}
     for procs, batch in ((1, 8), (2, 4)):

@@ -393,6 +393,10 @@ def _check_type(key: str, value: Any, typ) -> Any:
         args = typing.get_args(typ)
         if value is None and type(None) in args:
             return None
+        for arg in args:  # a value that already has one of the types keeps it (3 stays 3 in `list | int`)
+            base = typing.get_origin(arg) or arg
+            if arg is not type(None) and isinstance(value, base) and not isinstance(value, bool):
+                return _check_type(key, value, arg)
         errors = []
         for arg in args:
             if arg is type(None):

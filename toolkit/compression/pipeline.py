@@ -251,7 +251,7 @@ def _conditions(recipe: CompressRecipe, subject: Subject, extra: str) -> str:
         "compiled (torch.compile, inductor, frozen weights; compile time not counted)" if r.compile else "eager"
     )
     quality = (
-        f"quality on the {'test' if subject.data.test is not None else 'validation'} split of {subject.data.source}"
+        f"the {'test' if subject.data.test is not None else 'validation'} split of {subject.data.source}"
         if subject.kind == "classifier"
         else "masked-LM loss/accuracy on the validation blocks, the same masks for every model"
         if subject.blocks is not None
@@ -358,16 +358,10 @@ def _prune(recipe: CompressRecipe, out: Path):
                 weights = prune.fold_masks({k.removeprefix("model."): v for k, v in state.items()})
                 prune.make_permanent(trained)
                 _save(folder, trained, tokenizer, weights)
-            zeros = prune.sparsity_of(trained)["sparsity"]
-            rows.append(
-                subject.measure(
-                    f"{name}-recovered",
-                    trained,
-                    folder,
-                    f"{note}; then {c.recovery_epochs:g} epoch(s) of fine-tuning with the pruned weights held at "
-                    f"zero (sparsity after: {zeros:.1%})",
-                )
-            )
+            recovery = f"{note}; then {c.recovery_epochs:g} epoch(s) of fine-tuning"
+            if not c.structured:
+                recovery += f" with the pruned weights held at zero ({prune.sparsity_of(trained)['sparsity']:.1%} after)"
+            rows.append(subject.measure(f"{name}-recovered", trained, folder, recovery))
             models[f"{name}-recovered"] = trained
     title = f"Pruning of {recipe.model.model_name_or_path}"
     return title, _conditions(recipe, subject, f"Sparsity {c.sparsity:g}."), rows, models

@@ -11,6 +11,7 @@ from toolkit.compression.measure import Row
 QUALITY_KEYS = {  # metric key: (header, format); the first present is the plot's y axis
     "accuracy": ("test accuracy", "{:.4f}"),
     "macro_f1": ("test macro-F1", "{:.4f}"),
+    "mcc": ("test MCC", "{:.4f}"),
     "pearson": ("test Pearson", "{:.4f}"),
     "mlm_accuracy": ("val. MLM accuracy", "{:.4f}"),
     "mlm_loss": ("val. MLM loss", "{:.4f}"),
