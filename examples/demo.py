@@ -110,8 +110,7 @@ def main() -> int:
         except ToolkitError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print("\n" + comparison.table)
-        print(f"\ntable, CSV and plot: {comparison.markdown.parent.relative_to(REPO)}/")
+        print(f"(table above; with its CSV and plot in {comparison.markdown.parent.relative_to(REPO)}/)")
     return 0
 
 
