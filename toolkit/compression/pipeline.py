@@ -360,7 +360,9 @@ def _prune(recipe: CompressRecipe, out: Path):
                 _save(folder, trained, tokenizer, weights)
             recovery = f"{note}; then {c.recovery_epochs:g} epoch(s) of fine-tuning"
             if not c.structured:
-                recovery += f" with the pruned weights held at zero ({prune.sparsity_of(trained)['sparsity']:.1%} after)"
+                recovery += (
+                    f" with the pruned weights held at zero ({prune.sparsity_of(trained)['sparsity']:.1%} after)"
+                )
             rows.append(subject.measure(f"{name}-recovered", trained, folder, recovery))
             models[f"{name}-recovered"] = trained
     title = f"Pruning of {recipe.model.model_name_or_path}"
