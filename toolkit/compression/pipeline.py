@@ -219,15 +219,27 @@ def check_labels(name: str, model_dir: str, data) -> None:
 
 def _load(recipe: CompressRecipe):
     from toolkit.finetuning.modes import load_tokenizer
-    from toolkit.models import check_model_dir, load_config
+    from toolkit.models import load_config
     from toolkit.paths import resolve_path
 
     model_dir = resolve_path(recipe.model.model_name_or_path)
-    check_model_dir(model_dir)
+    check_fine_tuned(model_dir, "model.model_name_or_path")
     tokenizer_dir = resolve_path(recipe.model.tokenizer_name_or_path) if recipe.model.tokenizer_name_or_path else None
     tokenizer = load_tokenizer(model_dir, tokenizer_dir)
     kind, auto_class = model_kind(load_config(model_dir, {}))
     return model_dir, tokenizer, kind, auto_class
+
+
+def check_fine_tuned(folder: str, key: str) -> None:
+    """A model folder that does not exist yet is most often the fine-tuning run not made yet: say so."""
+    from toolkit.models import check_model_dir
+
+    if not Path(folder).exists():
+        raise ToolkitError(
+            f"{key}: model folder '{folder}' does not exist; the shipped compression recipes read the output of "
+            "toolkit finetune recipes/finetune-full.yaml: run that first, or point it at your model"
+        )
+    check_model_dir(folder)
 
 
 def _save(folder: Path, model, tokenizer, state_dict: dict | None = None) -> None:
@@ -430,7 +442,7 @@ def _distill(recipe: CompressRecipe, out: Path):
 
     c, t = recipe.compress, recipe.training
     teacher_dir = resolve_path(c.teacher)
-    check_model_dir(teacher_dir)
+    check_fine_tuned(teacher_dir, "compress.teacher")
     teacher_tok = load_tokenizer(teacher_dir, None)
     student_dir = resolve_path(recipe.model.model_name_or_path) if recipe.model.model_name_or_path else teacher_dir
     check_model_dir(student_dir)
