@@ -18,4 +18,4 @@ def test_compression_quality_bar():
     summary = proc.stdout[proc.stdout.rfind("---- quality bar") :]
     print(summary)
     assert proc.returncode == 0, summary or proc.stderr[-3000:]
-    assert summary.count("PASS") == 5
+    assert summary.count("PASS") == 4 and "FAIL" not in summary

@@ -67,16 +67,14 @@ def latency_batch(data, tokenizer, batch_size: int, seq_length: int) -> dict:
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(len(tokenizer) // 2, len(tokenizer), (batch_size, seq_length), generator=g)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    rows = split.select(range(min(batch_size, len(split))))
-    while len(rows["input_ids"]) < batch_size:  # a small split: repeat examples up to the batch size
-        rows = {k: (rows[k] + rows[k]) for k in ("input_ids", "attention_mask")}
+    fills = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": 0}
+    columns = [c for c in fills if c in split.column_names]
+    rows = split.select_columns(columns)[: min(batch_size, len(split))]
     batch = {}
-    for col, fill in (("input_ids", tokenizer.pad_token_id), ("attention_mask", 0), ("token_type_ids", 0)):
-        if col not in rows.keys() if isinstance(rows, dict) else col not in rows.column_names:
-            continue
-        out = torch.full((batch_size, seq_length), fill, dtype=torch.long)
-        for r, seq in enumerate(list(rows[col])[:batch_size]):
-            seq = seq[:seq_length]
+    for col in columns:
+        out = torch.full((batch_size, seq_length), fills[col], dtype=torch.long)
+        for r in range(batch_size):
+            seq = rows[col][r % len(rows[col])][:seq_length]  # a small split repeats its examples
             out[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         batch[col] = out
     return batch
