@@ -92,7 +92,7 @@ class Runner:
     """A model called the way the report measures it: in inference mode, either eager or compiled by
     inductor with its weights frozen (constants folded and weights pre-packed, as CPU inference
     deployments run). Compiled is the default because it is the only way torchao's int8 matrix
-    products are fast on CPUs without AVX512-VNNI: eager they fall back to a kernel ~20x slower than
+    products are fast on CPUs without AVX512-VNNI: eager they fall back to a kernel ~16x slower than
     fp32. Every model of a report runs the same way, so the ratios compare like with like."""
 
     def __init__(self, model, compile: bool):
