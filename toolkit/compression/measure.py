@@ -98,7 +98,8 @@ class Runner:
     def __init__(self, model, compile: bool):
         self.model, self.fn, self.mode = model.eval(), model, "eager"
         if compile:
-            torch._dynamo.reset()  # a fresh cache per model: no recompile limit, no stale guards
+            # every model of a report stays compiled until all are timed: room for each one's graphs
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self.fn, self.mode = torch.compile(model, dynamic=False), "compiled"
 
     @torch.inference_mode()
@@ -114,17 +115,20 @@ class Runner:
             return self.model(**batch)
 
 
-def latency_ms(runner: Runner, batch: dict, repeats: int, warmup: int = 3) -> float:
-    """Median wall time of one forward pass over `batch`, in milliseconds (after `warmup` passes,
-    the first of which compiles)."""
-    for _ in range(warmup):
-        runner(batch)
-    times = []
+def latencies_ms(runners: dict[str, Runner], batch: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median wall time of one forward pass over `batch` of each model, in milliseconds. The models
+    take turns, one pass each per round, so that a change in the machine's speed during the
+    measurement (other tenants, clock scaling) touches every model alike."""
+    for runner in runners.values():
+        for _ in range(warmup):  # the first pass compiles
+            runner(batch)
+    times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeats):
-        start = time.perf_counter()
-        runner(batch)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        for name, runner in runners.items():
+            start = time.perf_counter()
+            runner(batch)
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 def outputs(runner: Runner, batch: dict) -> torch.Tensor:

@@ -57,6 +57,7 @@ class Subject:
     train_blocks: object = None  # training blocks (masked-LM distillation)
     batch: dict = field(default_factory=dict)
     reference: dict = field(default_factory=dict)  # the first model's logits / outputs
+    runners: dict = field(default_factory=dict)  # row name -> measure.Runner, kept for the timing
 
     def measure(self, name: str, model, folder, note: str = "") -> Row:
         """One row of the report (on the main process; the others, which only help train, get a blank)."""
@@ -71,7 +72,7 @@ class Subject:
             params=params,
             nonzero_params=nonzero,
             size_bytes=measure.weights_size(Path(folder)),
-            latency_ms=measure.latency_ms(runner, self.batch, r.latency_repeats),
+            latency_ms=0.0,  # set by time(), once every row is there
             note=note,
         )
         split = None if self.data is None else self.data.test if self.data.test is not None else self.data.validation
@@ -93,8 +94,18 @@ class Subject:
             row.metrics["output_cosine"] = measure.cosine(reference, outputs, self.batch["attention_mask"])
         if runner.mode.startswith("eager ("):
             row.note = f"{row.note}; measured {runner.mode}" if row.note else f"measured {runner.mode}"
-        print(f"measured {name}: {row.latency_ms:.1f} ms per batch, " + _describe(row.metrics))
+        self.runners[name] = runner
+        print(f"measured {name}: " + _describe(row.metrics))
         return row
+
+    def time(self, rows: list[Row]) -> None:
+        """CPU latency of every row's model, all timed in the same rounds (see measure.latencies_ms)."""
+        if not self.runners:
+            return
+        latencies = measure.latencies_ms(self.runners, self.batch, self.recipe.report.latency_repeats)
+        for row in rows:
+            row.latency_ms = latencies.get(row.name, row.latency_ms)
+            print(f"latency of {row.name}: {row.latency_ms:.1f} ms per batch")
 
 
 def resolve(recipe=None, overrides: list[str] | dict | None = None, **kwargs) -> CompressRecipe:
@@ -270,7 +281,8 @@ def _conditions(recipe: CompressRecipe, subject: Subject, extra: str) -> str:
         else "output cosine similarity to the original model on the timed batch"
     )
     return (
-        f"{extra} Latency: median of {r.latency_repeats} forward passes (after 3 warm-up passes) over one batch of "
+        f"{extra} Latency: median of {r.latency_repeats} forward passes (after 3 warm-up passes; the models take "
+        "turns, one pass each per round, so that changes in the machine's speed touch all alike) over one batch of "
         f"{b} examples x {length} tokens, fp32 inputs, {where}, inference mode. Size: the weight files on disk. "
         f"Params counts stored values (a 4-bit weight counts once per value). Quality: {quality}."
     )
@@ -297,6 +309,7 @@ def _quantize(recipe: CompressRecipe, out: Path):
         reloaded = reload(out / scheme, auto_class)  # what is measured is what users load
         models[scheme] = reloaded
         rows.append(subject.measure(scheme, reloaded, out / scheme, NOTES[scheme]))
+    subject.time(rows)
     return title, _conditions(recipe, subject, f"Schemes: {', '.join(recipe.compress.schemes)}."), rows, models
 
 
@@ -325,8 +338,9 @@ def _prune(recipe: CompressRecipe, out: Path):
             "compress.recovery_epochs fine-tunes on the task's labels, so it needs a classifier (a folder written by "
             f"toolkit finetune); '{recipe.model.model_name_or_path}' is a {kind}: set compress.recovery_epochs=0"
         )
-    rows = [subject.measure("original", model, model_dir, "the input model")]
-    models = {"original": copy.deepcopy(model)}
+    original = copy.deepcopy(model)  # measured as it is; `model` is pruned (and trained) in place
+    rows = [subject.measure("original", original, model_dir, "the input model")]
+    models = {"original": original}
 
     if c.structured:
         if c.importance_batches and kind == "classifier":
@@ -378,15 +392,16 @@ def _prune(recipe: CompressRecipe, out: Path):
             rows.append(subject.measure(f"{name}-recovered", trained, folder, recovery))
             models[f"{name}-recovered"] = trained
     title = f"Pruning of {recipe.model.model_name_or_path}"
+    subject.time(rows)
     return title, _conditions(recipe, subject, f"Sparsity {c.sparsity:g}."), rows, models
 
 
 def _permanent(model):
-    """The model as it is saved: a copy with the pruning masks folded in (the original keeps them)."""
+    """The model as it is saved: a copy, with the pruning masks folded in (the original keeps them)."""
     from toolkit.compression import prune
 
     if not any(n.endswith("_orig") for n, _ in model.named_parameters()):
-        return model
+        return copy.deepcopy(model)
     clone = type(model)(copy.deepcopy(model.config))  # (a model with masks attached cannot be deep-copied)
     clone.load_state_dict(prune.fold_masks(model.state_dict()))
     return clone.eval()
@@ -504,6 +519,7 @@ def _distill(recipe: CompressRecipe, out: Path):
     budget = f"{t.num_train_epochs:g} epochs" if t.max_steps < 0 else f"{t.max_steps} steps"
     title = f"Distillation of {c.teacher}"
     extra = f"Training: {budget} at learning rate {t.learning_rate:g}, seed {t.seed}."
+    subject.time(rows)
     return title, _conditions(recipe, subject, extra), rows, models
 
 
