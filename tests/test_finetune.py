@@ -10,23 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli, tiny_bert_recipe, tiny_gpt_recipe
+from conftest import FILLER, GOOD, REPO, labelled_sentence, run_cli, tiny_bert_recipe, tiny_gpt_recipe
 
 import toolkit
 from toolkit.cli import main as cli_main
 from toolkit.engine.tracking import read_metrics
 from toolkit.errors import ToolkitError
 from toolkit.finetuning import modes as modes_module
-
-GOOD = "good great fine lovely noble sweet gentle".split()
-BAD = "bad foul vile cruel false poor wicked".split()
-FILLER = "the king and queen of denmark spoke to his lord in a castle".split()
-
-
-def _sentence(rng, label: int) -> str:
-    words = rng.choices(GOOD if label else BAD, k=2) + rng.choices(FILLER, k=5)
-    rng.shuffle(words)
-    return " ".join(words)
 
 
 def _write_csv(path: Path, header: list[str], rows: list) -> Path:
@@ -42,12 +32,12 @@ def data_dir(tmp_path_factory) -> Path:
     """Labelled files: sentiment with string labels, a text-pair task, a regression task."""
     out = tmp_path_factory.mktemp("labelled")
     rng = random.Random(0)
-    rows = [(_sentence(rng, i % 2), "pos" if i % 2 else "neg") for i in range(64)]
+    rows = [(labelled_sentence(rng, i % 2), "pos" if i % 2 else "neg") for i in range(64)]
     _write_csv(out / "sentiment.csv", ["text", "label"], rows)
     pairs = []
     for i in range(48):
-        a = _sentence(rng, i % 2)
-        b = a if i % 3 else _sentence(rng, 1 - i % 2)
+        a = labelled_sentence(rng, i % 2)
+        b = a if i % 3 else labelled_sentence(rng, 1 - i % 2)
         pairs.append((a, b, "same" if a == b else "different"))
     _write_csv(out / "pairs.csv", ["premise", "hypothesis", "relation"], pairs)
     scores = []
