@@ -34,22 +34,6 @@ FILL_MASK = [
 ]
 
 
-def show_metrics(metrics: dict) -> None:
-    print("\nvalidation (before -> after training)")
-    for key in (
-        "loss",
-        "perplexity",
-        "mlm_accuracy",
-        "nsp_accuracy",
-        "next_token_accuracy",
-        "discriminator_accuracy",
-        "generator_accuracy",
-    ):
-        before, after = metrics.get(f"initial_eval_{key}"), metrics.get(f"eval_{key}")
-        if after is not None:
-            print(f"  {key:24s} {before if before is None else f'{before:10.4f}'} -> {after:10.4f}")
-
-
 def show_model(output_dir: Path, objective: str) -> None:
     from transformers import pipeline
 
@@ -96,7 +80,7 @@ def main() -> int:
     except ToolkitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    show_metrics(result.metrics)
+    print(result.summary())
     show_model(result.output_dir, args.objective)
 
     compare_recipe = REPO / "recipes" / "finetune-compare.yaml"
@@ -110,7 +94,7 @@ def main() -> int:
         except ToolkitError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(f"(table above; with its CSV and plot in {comparison.markdown.parent.relative_to(REPO)}/)")
+        print(comparison.summary())
     return 0
 
 

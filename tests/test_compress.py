@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import REPO, TINY_MODEL, labelled_sentence, run_cli
 
 import toolkit
@@ -140,6 +141,11 @@ def test_recovery_keeps_pruned_weights_at_zero(tmp_path, classifier, sentiment_c
     assert not [k for k in safetensors_keys(tmp_path / "c" / "pruned-recovered") if k.endswith(("_orig", "_mask"))]
     results = json.loads((tmp_path / "c" / "results.json").read_text())
     assert [r["model"] for r in results["rows"]] == ["original", "pruned", "pruned-recovered"]
+    # the recovery run is an ordinary run: its checkpoints and its folder carry the resolved recipe
+    recovered = tmp_path / "c" / "pruned-recovered"
+    checkpoints = sorted((recovered / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints and all((c / "recipe.yaml").is_file() for c in checkpoints)
+    assert yaml.safe_load((recovered / "recipe.yaml").read_text())["compress"]["recovery_epochs"] == 1
 
 
 # ---- structured pruning ----------------------------------------------------------------------------
@@ -238,6 +244,10 @@ def test_distillation_student_learns_to_agree_with_the_teacher(tmp_path, classif
     assert student.config.intermediate_size == 96
     rows = {r.name: r for r in result.rows}
     assert rows["student"].params < rows["teacher"].params
+    checkpoints = sorted((tmp_path / "c" / "student" / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints and all((c / "recipe.yaml").is_file() for c in checkpoints)
+    saved = yaml.safe_load((checkpoints[-1] / "recipe.yaml").read_text())
+    assert saved["compress"]["method"] == "distill" and saved["compress"]["alpha"] == 0.9
 
 
 def test_student_layers_are_copied_from_the_teacher(classifier):
@@ -247,12 +257,13 @@ def test_student_layers_are_copied_from_the_teacher(classifier):
 
     assert layer_indices(3, 6) == [0, 2, 5]
     assert layer_indices(1, 6) == [5]
-    from toolkit.compression.pipeline import resolve
+    from toolkit.compression.config import CompressRecipe
+    from toolkit.config import resolve
 
-    recipe = resolve(REPO / "recipes" / "compress-distill.yaml", ["compress.student_layers=3"])
+    recipe = resolve(CompressRecipe, REPO / "recipes" / "compress-distill.yaml", ["compress.student_layers=3"])
     assert recipe.compress.student_layers == 3  # a count stays a count (not the list [3])
     assert resolve(
-        REPO / "recipes" / "compress-distill.yaml", ["compress.student_layers=[1]"]
+        CompressRecipe, REPO / "recipes" / "compress-distill.yaml", ["compress.student_layers=[1]"]
     ).compress.student_layers == [1]
     assert layer_indices([4, 1], 6) == [1, 4]
     teacher = AutoModelForSequenceClassification.from_pretrained(classifier)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import REPO, run_cli, tiny_bert_recipe
 
-from toolkit.config import PretrainRecipe, all_keys, load_recipe, parse_overrides
+from toolkit.config import PretrainRecipe, all_keys, parse_overrides, resolve
 from toolkit.errors import ToolkitError
 
 PUBLIC_PRETRAIN_KEYS = """output_dir model.architecture model.size model.model_name_or_path model.config_overrides
@@ -48,7 +48,7 @@ def test_overrides_are_parsed_as_yaml_and_win_over_the_file():
         "data": {"train_files": ["a.txt", "b.txt"]},
         "model": {"config_overrides": {"x": 1}},
     }
-    r = load_recipe(
+    r = resolve(
         PretrainRecipe, REPO / "recipes" / "bert-mlm.yaml", ["training.max_steps=7", "training.learning_rate=1e-4"]
     )
     assert r.training.max_steps == 7 and r.training.learning_rate == 1e-4
@@ -73,16 +73,50 @@ def test_overrides_are_parsed_as_yaml_and_win_over_the_file():
 )
 def test_bad_recipe_values_fail_with_a_clear_message(override, message):
     with pytest.raises(ToolkitError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        load_recipe(PretrainRecipe, REPO / "recipes" / "bert-mlm.yaml", [override])
+        resolve(PretrainRecipe, REPO / "recipes" / "bert-mlm.yaml", [override])
 
 
 def test_help_is_instant_and_documents_commands():
-    for args in (["--help"], ["pretrain", "--help"], ["tokenizer", "--help"], ["evaluate", "--help"]):
+    from toolkit.cli import RECIPE_VERBS, build_parser
+
+    commands = sorted(build_parser()._subparsers._group_actions[0].choices)
+    assert {v.name for v in RECIPE_VERBS} <= set(commands) and {"predict", "tokenizer", "evaluate"} <= set(commands)
+    for args in (["--help"], *([c, "--help"] for c in commands)):
         start = time.perf_counter()
         proc = run_cli(*args)
-        assert proc.returncode == 0 and "usage: toolkit" in proc.stdout
+        assert proc.returncode == 0 and "usage: toolkit" in proc.stdout, args
         assert time.perf_counter() - start < 5  # no torch import behind --help
-    assert "key=value" in run_cli("pretrain", "--help").stdout
+    for verb in RECIPE_VERBS:
+        text = run_cli(verb.name, "--help").stdout
+        assert "key=value" in text and "--help-recipe" in text and "--dry-run" in text
+
+
+def test_help_recipe_lists_every_key_with_its_default_and_help(capsys):
+    import importlib
+
+    from toolkit.cli import RECIPE_VERBS
+    from toolkit.cli import main as cli_main
+    from toolkit.config import help_text
+
+    for verb in RECIPE_VERBS:
+        module, name = verb.recipe_class.split(":")
+        cls = getattr(importlib.import_module(module), name)
+        assert cli_main([verb.name, "--help-recipe"]) == 0
+        printed = capsys.readouterr().out
+        rows = help_text(cls)
+        assert len(rows) > 20
+        for key, text, _ in rows:
+            assert f"  {key} = " in printed, (verb.name, key)
+            assert text.split()[0] in printed
+    assert cli_main(["pretrain", "--help-recipe"]) == 0
+    assert "  training.max_steps = -1\n      Optimizer steps to train for" in capsys.readouterr().out
+
+
+def test_a_recipe_verb_without_a_recipe_says_which_to_give(capsys):
+    from toolkit.cli import main as cli_main
+
+    assert cli_main(["pretrain"]) == 2
+    assert "give a recipe file, e.g. toolkit pretrain recipes/bert-mlm.yaml" in capsys.readouterr().err
 
 
 def _bad_run(tmp_path, *overrides, files=None):

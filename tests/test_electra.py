@@ -10,7 +10,7 @@ import yaml
 from conftest import REPO, TINY_MODEL, run_cli, tiny_bert_recipe
 
 import toolkit
-from toolkit.config import PretrainRecipe, load_recipe, merge
+from toolkit.config import PretrainRecipe, merge, resolve
 from toolkit.engine.tracking import read_metrics
 from toolkit.errors import ToolkitError
 from toolkit.objectives import OBJECTIVES
@@ -33,7 +33,7 @@ def tokenizer(wordpiece_dir):
 
 
 def make_objective(tmp_path, corpus_dir, tokenizer, **objective):
-    recipe = load_recipe(PretrainRecipe, merge(electra_recipe(tmp_path, corpus_dir), {"objective": objective}))
+    recipe = resolve(PretrainRecipe, merge(electra_recipe(tmp_path, corpus_dir), {"objective": objective}))
     torch.manual_seed(0)
     return OBJECTIVES["rtd"].from_recipe(recipe, tokenizer)
 
@@ -162,7 +162,7 @@ def test_discriminator_loss_sends_no_gradient_into_the_generator(tmp_path, corpu
 )
 def test_bad_rtd_recipes_are_rejected(tmp_path, corpus_dir, override, message):
     with pytest.raises(ToolkitError, match=message):
-        load_recipe(PretrainRecipe, merge(electra_recipe(tmp_path, corpus_dir), override))
+        resolve(PretrainRecipe, merge(electra_recipe(tmp_path, corpus_dir), override))
 
 
 def test_cli_rtd_lowers_its_loss_and_saves_both_networks(tmp_path, corpus_dir, wordpiece_dir):
@@ -204,6 +204,7 @@ def test_cli_rtd_lowers_its_loss_and_saves_both_networks(tmp_path, corpus_dir, w
         "model.safetensors",
         *tokenizer_files,
         "recipe.yaml",
+        "results.json",
         "README.md",
         "metrics.jsonl",
         "checkpoints",

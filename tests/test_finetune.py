@@ -256,11 +256,16 @@ def test_resumed_fine_tuning_equals_an_uninterrupted_run(tmp_path, bert_ckpt, da
 
 
 def test_full_with_layerwise_decay_gives_lower_layers_smaller_rates(bert_ckpt, data_dir, tmp_path):
+    from toolkit.config import resolve
     from toolkit.engine.optim import make_optimizer
+    from toolkit.finetuning.config import FinetuneRecipe
     from toolkit.finetuning.objective import SequenceClassifier, layer_depth
-    from toolkit.finetuning.pipeline import resolve
 
-    r = resolve(recipe(tmp_path / "x", bert_ckpt, data_dir / "sentiment.csv", "full"), finetune__layerwise_lr_decay=0.5)
+    r = resolve(
+        FinetuneRecipe,
+        recipe(tmp_path / "x", bert_ckpt, data_dir / "sentiment.csv", "full"),
+        finetune__layerwise_lr_decay=0.5,
+    )
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(bert_ckpt, num_labels=2)
@@ -363,12 +368,18 @@ def test_peft_modes_train_only_peft_weights_and_the_head_and_reload(tmp_path, be
 
 
 def test_prompt_text_initialisation_starts_from_the_words_embeddings(tmp_path, bert_ckpt, data_dir):
-    from toolkit.finetuning.modes import build, load_tokenizer
-    from toolkit.finetuning.pipeline import resolve
+    from toolkit.config import resolve
+    from toolkit.finetuning.config import FinetuneRecipe
+    from toolkit.finetuning.modes import build
     from toolkit.finetuning.tasks import load_task
+    from toolkit.tokenizer import load_model_tokenizer
 
-    r = resolve(recipe(tmp_path / "t", bert_ckpt, data_dir / "sentiment.csv", "prompt"), finetune__prompt_init="text")
-    tokenizer = load_tokenizer(str(bert_ckpt), None)
+    r = resolve(
+        FinetuneRecipe,
+        recipe(tmp_path / "t", bert_ckpt, data_dir / "sentiment.csv", "prompt"),
+        finetune__prompt_init="text",
+    )
+    tokenizer = load_model_tokenizer(str(bert_ckpt))
     data = load_task(r.task, tokenizer)
     built = build(r, data, tokenizer, str(bert_ckpt), torch.device("cpu"))
     prompt = built.model.prompt_encoder["default"].embedding.weight
@@ -596,15 +607,16 @@ def test_compare_rejects_overrides_that_break_the_comparison(tmp_path, bert_ckpt
 
 
 def test_every_shipped_finetune_recipe_validates_and_keeps_machine_paths_out():
+    from toolkit.config import resolve
     from toolkit.finetuning.compare import mode_recipes
-    from toolkit.finetuning.pipeline import resolve
+    from toolkit.finetuning.config import FinetuneRecipe
 
     found = sorted((REPO / "recipes").rglob("finetune-*.yaml"))
     names = {p.name for p in found}
     assert {"finetune-frozen.yaml", "finetune-full.yaml", "finetune-prompt.yaml", "finetune-lora.yaml"} <= names
     assert "finetune-compare.yaml" in names
     for path in found:
-        r = resolve(path)
+        r = resolve(FinetuneRecipe, path)
         assert r.model.model_name_or_path.startswith("pkg://") and r.output_dir.startswith("outputs/")
         mode_recipes(path)
 
@@ -658,3 +670,43 @@ def test_length_grouped_batches_are_a_seeded_permutation_with_little_padding():
     assert list(grouped) != batches  # a new grouping each epoch
     grouped.set_epoch(0, start=3)
     assert list(grouped) == batches[3:]  # resume skips batches exactly
+
+
+def test_compare_of_a_resolved_recipe_trains_each_mode_at_its_own_rate(tmp_path, bert_ckpt, data_dir, monkeypatch):
+    """A recipe resolved once (its learning rate derived from its mode) must not pass that rate on to
+    the other modes of a comparison: each mode derives its own."""
+    from toolkit.config import resolve
+    from toolkit.finetuning import pipeline
+    from toolkit.finetuning.config import MODE_LEARNING_RATES, FinetuneRecipe
+
+    spec = recipe(tmp_path / "cmp", bert_ckpt, data_dir / "sentiment.csv", "full")
+    spec["compare"] = {"modes": ["frozen", "full", "lora"]}
+    resolved = resolve(FinetuneRecipe, spec)
+    assert resolved.training.learning_rate == MODE_LEARNING_RATES["full"]
+    again = resolve(FinetuneRecipe, resolved, ["finetune.mode=lora"])  # re-resolving derives anew
+    assert again.training.learning_rate == MODE_LEARNING_RATES["lora"]
+    pinned = resolve(FinetuneRecipe, spec, ["training.learning_rate=0.002", "finetune.mode=lora"])
+    assert resolve(FinetuneRecipe, pinned, ["finetune.mode=frozen"]).training.learning_rate == 0.002  # a given rate stays
+
+    trained_at = {}
+
+    def fake_run(mode_recipe):  # record what each mode would train with, instead of training
+        trained_at[mode_recipe.finetune.mode] = mode_recipe.training.learning_rate
+        return pipeline.FinetuneResult(output_dir=Path(mode_recipe.output_dir), metrics={"test_accuracy": 0.5})
+
+    monkeypatch.setattr(pipeline, "run", fake_run)
+    result = toolkit.compare(resolved)
+    assert trained_at == {"frozen": 1e-3, "full": 3e-5, "lora": 5e-4}
+    assert [row["learning_rate"] for row in result.rows] == [1e-3, 3e-5, 5e-4]
+
+
+def test_validate_checks_without_writing_into_the_recipe(bert_ckpt, data_dir, tmp_path):
+    """Derived defaults are filled by the resolver into a new recipe; validate() only checks."""
+    from toolkit.config import from_dict
+    from toolkit.finetuning.config import FinetuneRecipe
+
+    raw = from_dict(FinetuneRecipe, recipe(tmp_path / "v", bert_ckpt, data_dir / "sentiment.csv", "lora"))
+    assert raw.derived_defaults() == {"training.learning_rate": 5e-4}
+    with pytest.raises(ToolkitError, match="learning_rate"):
+        raw.validate()  # unset and not derived: refused, not filled in place
+    assert raw.training.learning_rate is None

@@ -187,11 +187,11 @@ def test_one_document_corpus_stops_before_any_work(tmp_path):
     ],
 )
 def test_bad_nsp_recipes_are_rejected(tmp_path, corpus_dir, override, message):
-    from toolkit.config import PretrainRecipe, load_recipe, merge
+    from toolkit.config import PretrainRecipe, merge, resolve
 
     recipe = merge(tiny_bert_recipe(tmp_path, corpus_dir), {"objective": {"name": "nsp"}})
     with pytest.raises(ToolkitError, match=message):
-        load_recipe(PretrainRecipe, merge(recipe, override))
+        resolve(PretrainRecipe, merge(recipe, override))
 
 
 def test_cli_mlm_nsp_lowers_its_loss_and_loads_in_plain_transformers(tmp_path, corpus_dir, wordpiece_dir):
@@ -228,6 +228,7 @@ def test_cli_mlm_nsp_lowers_its_loss_and_loads_in_plain_transformers(tmp_path, c
         "tokenizer.json",
         "tokenizer_config.json",
         "recipe.yaml",
+        "results.json",
         "README.md",
         "metrics.jsonl",
         "checkpoints",

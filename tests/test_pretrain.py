@@ -20,6 +20,7 @@ EXPECTED_BERT_FILES = {
     "tokenizer.json",
     "tokenizer_config.json",
     "recipe.yaml",
+    "results.json",
     "README.md",
     "metrics.jsonl",
     "checkpoints",

@@ -1,5 +1,8 @@
 """`toolkit` command line: a thin layer over the Python API.
 
+The recipe verbs (pretrain, finetune, compare, compress) are declared once, in `RECIPE_VERBS`: each
+names the public function it calls and the recipe class it reads, and every one takes the same
+arguments (a recipe, key=value overrides, --dry-run, --help-recipe). Each result prints its own summary.
 Heavy libraries are imported inside each command, so `toolkit --help` answers at once.
 User errors print one line and exit with status 2.
 """
@@ -9,59 +12,93 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
+
+MODES = "frozen, full, prompt, prefix, ptuning, lora, qlora"
+TASKS = "movie-sentiment, movie-rating, sms-spam"
 
 
-def _pretrain(args) -> None:
-    if args.dry_run:
-        from toolkit.config import PretrainRecipe, load_recipe, to_yaml
+@dataclass(frozen=True)
+class RecipeVerb:
+    """A command that runs a recipe: `toolkit NAME RECIPE [key=value ...]`."""
 
-        print(to_yaml(load_recipe(PretrainRecipe, args.recipe, args.overrides)), end="")
-        return
-    from toolkit.pretraining import pretrain
+    name: str
+    help: str
+    description: str
+    run: str  # "module:function": (recipe, overrides=[...]) -> a result with .summary()
+    recipe_class: str  # "module:Class" of the recipe it reads (for --help-recipe and --dry-run)
+    example: str  # a shipped recipe
+    dry_run: str | None = None  # "module:function": (recipe, overrides) -> text; default: the resolved recipe
 
-    result = pretrain(args.recipe, overrides=args.overrides)
-    _print_summary(result.output_dir, result.metrics)
+
+RECIPE_VERBS = (
+    RecipeVerb(
+        "pretrain",
+        "pretrain a model from a recipe",
+        "Pretrain from a YAML recipe; override any key as key=value "
+        "(e.g. training.max_steps=20 'data.train_files=[a.txt,b.txt]').",
+        "toolkit.pretraining:pretrain",
+        "toolkit.config:PretrainRecipe",
+        "recipes/bert-mlm.yaml",
+    ),
+    RecipeVerb(
+        "finetune",
+        "fine-tune a checkpoint on labelled data",
+        "Fine-tune a checkpoint folder on a labelled task from a YAML recipe; override any key as key=value "
+        f"(e.g. finetune.mode=lora task.train_file=data.csv). Modes: {MODES}. Built-in tasks (task.name): {TASKS}.",
+        "toolkit.finetuning.pipeline:finetune",
+        "toolkit.finetuning.config:FinetuneRecipe",
+        "recipes/finetune-full.yaml",
+    ),
+    RecipeVerb(
+        "compare",
+        "run several fine-tuning modes side by side",
+        f"Fine-tune the same checkpoint on the same task and seed in each of compare.modes ({MODES}) and write a "
+        "Markdown table, a CSV and a plot of validation accuracy against training time into output_dir.",
+        "toolkit.finetuning.compare:compare",
+        "toolkit.finetuning.config:FinetuneRecipe",
+        "recipes/finetune-compare.yaml",
+        dry_run="toolkit.finetuning.compare:describe_modes",
+    ),
+    RecipeVerb(
+        "compress",
+        "quantize, prune or distill a model, with a size/speed/accuracy report",
+        "Compress a model from a YAML recipe (compress.method: quantize, prune or distill) and write report.md, "
+        "report.csv and report.png comparing parameters, size on disk, CPU latency and test quality with the "
+        "original; override any key as key=value (e.g. compress.sparsity=0.7).",
+        "toolkit.compression.pipeline:compress",
+        "toolkit.compression.config:CompressRecipe",
+        "recipes/compress-quantize.yaml",
+    ),
+)
 
 
-def _print_summary(output_dir, metrics: dict) -> None:
+def _load(target: str):
+    import importlib
+
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _run_recipe(verb: RecipeVerb, args) -> None:
     import os
 
-    if os.environ.get("RANK", "0") != "0":
+    from toolkit.config import recipe_help, resolve, to_yaml
+    from toolkit.errors import ToolkitError
+
+    cls = _load(verb.recipe_class)
+    if args.help_recipe:
+        print(recipe_help(cls))
         return
-    print(f"\nsaved to {output_dir}")
-    keys = ("loss", "perplexity", "mlm_accuracy", "next_token_accuracy", "nsp_accuracy")
-    keys += ("generator_accuracy", "discriminator_accuracy", "replaced_precision", "replaced_recall")
-    for key in keys:
-        before, after = metrics.get(f"initial_eval_{key}"), metrics.get(f"eval_{key}")
-        if after is not None:
-            prefix = f"{before:.4f} -> " if before is not None else ""
-            print(f"validation {key}: {prefix}{after:.4f}")
-
-
-def _finetune(args) -> None:
+    if args.recipe is None:
+        raise ToolkitError(f"give a recipe file, e.g. toolkit {verb.name} {verb.example}")
     if args.dry_run:
-        from toolkit.config import to_yaml
-        from toolkit.finetuning.pipeline import resolve
-
-        print(to_yaml(resolve(args.recipe, args.overrides)), end="")
+        text = _load(verb.dry_run)(args.recipe, args.overrides) if verb.dry_run else None
+        print(text if text is not None else to_yaml(resolve(cls, args.recipe, args.overrides)), end="")
         return
-    from toolkit.finetuning.pipeline import finetune
-
-    result = finetune(args.recipe, overrides=args.overrides)
-    _print_finetune_summary(result.output_dir, result.metrics)
-
-
-def _print_finetune_summary(output_dir, metrics: dict) -> None:
-    import os
-
-    if os.environ.get("RANK", "0") != "0":
-        return
-    print(f"\nsaved to {output_dir}")
-    for key in ("loss", "accuracy", "macro_f1", "mcc", "pearson", "spearman"):
-        before, after, test = (metrics.get(f"{p}_{key}") for p in ("initial_eval", "eval", "test"))
-        if after is not None:
-            prefix = f"{before:.4f} -> " if before is not None else ""
-            print(f"validation {key}: {prefix}{after:.4f}" + (f"   test: {test:.4f}" if test is not None else ""))
+    result = _load(verb.run)(args.recipe, overrides=args.overrides)
+    if os.environ.get("RANK", "0") == "0":
+        print(result.summary())
 
 
 def _predict(args) -> None:
@@ -71,29 +108,6 @@ def _predict(args) -> None:
     print(f"predictions written to {out}")
     if scores:
         print(json.dumps(scores, indent=2))
-
-
-def _compare(args) -> None:
-    from toolkit.finetuning.compare import compare, mode_recipes
-
-    if args.dry_run:
-        from toolkit.config import to_yaml
-
-        for mode, recipe in mode_recipes(args.recipe, args.overrides)[1].items():
-            print(f"# ---- mode {mode}\n{to_yaml(recipe)}", end="")
-        return
-    compare(args.recipe, overrides=args.overrides)
-
-
-def _compress(args) -> None:
-    from toolkit.compression.pipeline import compress, resolve
-
-    if args.dry_run:
-        from toolkit.config import to_yaml
-
-        print(to_yaml(resolve(args.recipe, args.overrides)), end="")
-        return
-    compress(args.recipe, overrides=args.overrides)
 
 
 def _tokenizer(args) -> None:
@@ -122,30 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser(
-        "pretrain",
-        help="pretrain a model from a recipe",
-        description="Pretrain from a YAML recipe; override any key as key=value "
-        "(e.g. training.max_steps=20 'data.train_files=[a.txt,b.txt]').",
-    )
-    p.add_argument("recipe", help="YAML recipe, e.g. recipes/bert-mlm.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted recipe overrides, values parsed as YAML")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved, validated recipe and stop")
-    p.set_defaults(func=_pretrain)
-
-    modes = "frozen, full, prompt, prefix, ptuning, lora, qlora"
-    tasks = "movie-sentiment, movie-rating, sms-spam"
-    p = sub.add_parser(
-        "finetune",
-        help="fine-tune a checkpoint on labelled data",
-        description=f"Fine-tune a checkpoint folder on a labelled task from a YAML recipe; override any key as "
-        f"key=value (e.g. finetune.mode=lora task.train_file=data.csv). Modes: {modes}. Built-in tasks "
-        f"(task.name): {tasks}.",
-    )
-    p.add_argument("recipe", help="YAML recipe, e.g. recipes/finetune-full.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted recipe overrides, values parsed as YAML")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved, validated recipe and stop")
-    p.set_defaults(func=_finetune)
+    for verb in RECIPE_VERBS:
+        p = sub.add_parser(verb.name, help=verb.help, description=verb.description)
+        p.add_argument("recipe", nargs="?", help=f"YAML recipe, e.g. {verb.example}")
+        p.add_argument(
+            "overrides", nargs="*", metavar="key=value", help="dotted recipe overrides, values parsed as YAML"
+        )
+        p.add_argument("--dry-run", action="store_true", help="print the resolved, validated recipe and stop")
+        p.add_argument(
+            "--help-recipe", action="store_true", help="list every recipe key with its default and meaning, and stop"
+        )
+        p.set_defaults(func=lambda args, verb=verb: _run_recipe(verb, args))
 
     p = sub.add_parser(
         "predict",
@@ -160,31 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-fields", nargs="+", help="text column(s) (default: the ones the model was trained on)")
     p.add_argument("--file-format", choices=["csv", "tsv", "json", "parquet"], help="when the suffix does not tell")
     p.set_defaults(func=_predict)
-
-    p = sub.add_parser(
-        "compare",
-        help="run several fine-tuning modes side by side",
-        description=f"Fine-tune the same checkpoint on the same task and seed in each of compare.modes ({modes}) and "
-        "write a Markdown table, a CSV and a plot of validation accuracy against training time into output_dir.",
-    )
-    p.add_argument("recipe", help="YAML recipe, e.g. recipes/finetune-compare.yaml")
-    p.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="dotted recipe overrides, e.g. 'compare.modes=[frozen,lora]'"
-    )
-    p.add_argument("--dry-run", action="store_true", help="print each mode's resolved recipe and stop")
-    p.set_defaults(func=_compare)
-
-    p = sub.add_parser(
-        "compress",
-        help="quantize, prune or distill a model, with a size/speed/accuracy report",
-        description="Compress a model from a YAML recipe (compress.method: quantize, prune or distill) and write "
-        "report.md, report.csv and report.png comparing parameters, size on disk, CPU latency and test quality "
-        "with the original; override any key as key=value (e.g. compress.sparsity=0.7).",
-    )
-    p.add_argument("recipe", help="YAML recipe, e.g. recipes/compress-quantize.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted recipe overrides, values parsed as YAML")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved, validated recipe and stop")
-    p.set_defaults(func=_compress)
 
     p = sub.add_parser("tokenizer", help="train a tokenizer on text files")
     p.add_argument("--files", nargs="+", required=True, help="text files, folders or globs")

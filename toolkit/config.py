@@ -20,10 +20,10 @@ from typing import Any
 
 import yaml
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, check_choice
 
 
-def _help(text: str, **kw):
+def help_field(text: str, **kw):
     return field(metadata={"help": text}, **kw)
 
 
@@ -36,12 +36,14 @@ def _help(text: str, **kw):
 class ModelArgs:
     """Which model to train: built from a size preset, or continued from a checkpoint folder."""
 
-    architecture: str = _help("Model family built from scratch: bert, gpt2 or electra.", default="bert")
-    size: str = _help("Size preset (BERT family dimensions): tiny, mini, small, medium, base, large.", default="mini")
-    model_name_or_path: str | None = _help(
+    architecture: str = help_field("Model family built from scratch: bert, gpt2 or electra.", default="bert")
+    size: str = help_field(
+        "Size preset (BERT family dimensions): tiny, mini, small, medium, base, large.", default="mini"
+    )
+    model_name_or_path: str | None = help_field(
         "A local Hugging Face checkpoint folder to continue from instead of a fresh model.", default=None
     )
-    config_overrides: dict = _help(
+    config_overrides: dict = help_field(
         "Mapping merged into the transformers config, e.g. {hidden_dropout_prob: 0.0}.",
         default_factory=dict,
     )
@@ -51,55 +53,55 @@ class ModelArgs:
 class TrainingArgs:
     """The shared training engine: batch, optimizer, schedule, precision, evaluation, checkpoints."""
 
-    max_steps: int = _help("Optimizer steps to train for; -1 means use num_train_epochs.", default=-1)
-    num_train_epochs: float = _help("Epochs to train for when max_steps is -1.", default=1.0)
-    per_device_train_batch_size: int = _help("Sequences per process per micro-batch.", default=32)
-    per_device_eval_batch_size: int = _help("Sequences per process per evaluation batch.", default=64)
-    gradient_accumulation_steps: int = _help("Micro-batches summed into one optimizer step.", default=1)
-    learning_rate: float = _help("Peak learning rate.", default=5e-4)
-    weight_decay: float = _help("AdamW weight decay (never applied to biases and norms).", default=0.01)
-    adam_beta1: float = _help("AdamW beta1.", default=0.9)
-    adam_beta2: float = _help("AdamW beta2.", default=0.999)
-    adam_epsilon: float = _help("AdamW epsilon.", default=1e-8)
-    max_grad_norm: float = _help("Gradient clipping norm; 0 disables clipping.", default=1.0)
-    optimizer: str = _help(
+    max_steps: int = help_field("Optimizer steps to train for; -1 means use num_train_epochs.", default=-1)
+    num_train_epochs: float = help_field("Epochs to train for when max_steps is -1.", default=1.0)
+    per_device_train_batch_size: int = help_field("Sequences per process per micro-batch.", default=32)
+    per_device_eval_batch_size: int = help_field("Sequences per process per evaluation batch.", default=64)
+    gradient_accumulation_steps: int = help_field("Micro-batches summed into one optimizer step.", default=1)
+    learning_rate: float = help_field("Peak learning rate.", default=5e-4)
+    weight_decay: float = help_field("AdamW weight decay (never applied to biases and norms).", default=0.01)
+    adam_beta1: float = help_field("AdamW beta1.", default=0.9)
+    adam_beta2: float = help_field("AdamW beta2.", default=0.999)
+    adam_epsilon: float = help_field("AdamW epsilon.", default=1e-8)
+    max_grad_norm: float = help_field("Gradient clipping norm; 0 disables clipping.", default=1.0)
+    optimizer: str = help_field(
         "Optimizer: adamw (torch, fused), lamb (torch_optimizer.Lamb) or adamw_8bit (bitsandbytes). "
         "A DeepSpeed config with an optimizer section of the same algorithm runs DeepSpeed's implementation.",
         default="adamw",
     )
-    lr_scheduler_type: str = _help("Schedule: linear, cosine, constant, constant_with_warmup.", default="linear")
-    warmup_steps: int = _help("Linear warmup steps (wins over warmup_ratio when > 0).", default=0)
-    warmup_ratio: float = _help("Warmup as a fraction of all steps.", default=0.0)
-    mixed_precision: str = _help(
+    lr_scheduler_type: str = help_field("Schedule: linear, cosine, constant, constant_with_warmup.", default="linear")
+    warmup_steps: int = help_field("Linear warmup steps (wins over warmup_ratio when > 0).", default=0)
+    warmup_ratio: float = help_field("Warmup as a fraction of all steps.", default=0.0)
+    mixed_precision: str = help_field(
         "no, bf16 or fp16 (fp16 needs a GPU; it uses dynamic loss scaling, and steps the scaler skips do not "
         "advance the schedule).",
         default="no",
     )
-    gradient_checkpointing: bool = _help(
+    gradient_checkpointing: bool = help_field(
         "Recompute activations in the backward pass: much less activation memory for about 1/3 more compute.",
         default=False,
     )
-    max_consecutive_nonfinite_steps: int = _help(
+    max_consecutive_nonfinite_steps: int = help_field(
         "Stop after this many optimizer steps in a row with a nan/inf loss (each is skipped, weights untouched).",
         default=5,
     )
-    seed: int = _help("Seed for initialisation, shuffling and masking.", default=42)
-    logging_steps: int = _help("Log training metrics every N optimizer steps.", default=10)
-    eval_steps: int = _help("Evaluate every N steps; 0 evaluates only at the end.", default=0)
-    eval_on_start: bool = _help("Evaluate once before training (the 'before' numbers).", default=True)
-    max_eval_batches: int | None = _help("Cap on evaluation batches per process (None: all).", default=None)
-    save_steps: int = _help("Checkpoint every N steps; 0 saves only the final checkpoint.", default=0)
-    save_total_limit: int = _help("Checkpoints kept under output_dir/checkpoints (newest).", default=2)
-    resume_from_checkpoint: str | None = _help(
+    seed: int = help_field("Seed for initialisation, shuffling and masking.", default=42)
+    logging_steps: int = help_field("Log training metrics every N optimizer steps.", default=10)
+    eval_steps: int = help_field("Evaluate every N steps; 0 evaluates only at the end.", default=0)
+    eval_on_start: bool = help_field("Evaluate once before training (the 'before' numbers).", default=True)
+    max_eval_batches: int | None = help_field("Cap on evaluation batches per process (None: all).", default=None)
+    save_steps: int = help_field("Checkpoint every N steps; 0 saves only the final checkpoint.", default=0)
+    save_total_limit: int = help_field("Checkpoints kept under output_dir/checkpoints (newest).", default=2)
+    resume_from_checkpoint: str | None = help_field(
         "'auto' (newest complete checkpoint in output_dir) or a checkpoint folder.", default=None
     )
-    overwrite_output_dir: bool = _help(
+    overwrite_output_dir: bool = help_field(
         "Allow starting a fresh run in an output_dir that already holds one.", default=False
     )
-    report_to: list = _help("Trackers: tensorboard, or [] for none.", default_factory=lambda: ["tensorboard"])
-    torch_compile: bool = _help("Compile the model with torch.compile.", default=False)
-    dataloader_num_workers: int = _help("DataLoader worker processes.", default=0)
-    group_by_length: bool = _help(
+    report_to: list = help_field("Trackers: tensorboard, or [] for none.", default_factory=lambda: ["tensorboard"])
+    torch_compile: bool = help_field("Compile the model with torch.compile.", default=False)
+    dataloader_num_workers: int = help_field("DataLoader worker processes.", default=0)
+    group_by_length: bool = help_field(
         "Batch examples of similar length together (less padding) when the examples vary in length.", default=False
     )
 
@@ -112,11 +114,11 @@ class TrainingArgs:
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, key) < 1:
                 raise ToolkitError(f"training.{key} must be at least 1 (got {getattr(self, key)})")
-        if self.learning_rate <= 0:
-            raise ToolkitError(f"training.learning_rate must be positive (got {self.learning_rate})")
-        _choice("training.optimizer", self.optimizer, OPTIMIZERS)
-        _choice("training.lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
-        _choice("training.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        if self.learning_rate is None or self.learning_rate <= 0:
+            raise ToolkitError(f"training.learning_rate must be a positive number (got {self.learning_rate})")
+        check_choice("training.optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("training.lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
+        check_choice("training.mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
         for key in ("logging_steps", "eval_steps", "save_steps", "warmup_steps", "dataloader_num_workers"):
             if getattr(self, key) < 0:
                 raise ToolkitError(f"training.{key} must be >= 0 (got {getattr(self, key)})")
@@ -133,7 +135,7 @@ class TrainingArgs:
         if not 0 <= self.warmup_ratio < 1:
             raise ToolkitError("training.warmup_ratio must be in [0, 1)")
         for tracker in self.report_to:
-            _choice("training.report_to", tracker, ("tensorboard",))
+            check_choice("training.report_to", tracker, ("tensorboard",))
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,40 +147,40 @@ class TrainingArgs:
 class TokenizerArgs:
     """The tokenizer: an existing one, or one trained on the training files."""
 
-    path: str | None = _help(
+    path: str | None = help_field(
         "Folder of an existing tokenizer; when unset one is trained on data.train_files.", default=None
     )
-    kind: str | None = _help(
+    kind: str | None = help_field(
         "wordpiece (BERT/ELECTRA) or bpe (byte-level, GPT); unset picks the architecture's kind.",
         default=None,
     )
-    vocab_size: int = _help("Vocabulary size of a trained tokenizer.", default=30522)
-    lowercase: bool = _help("Lower-case text (WordPiece only).", default=True)
-    min_frequency: int = _help("Minimum pair frequency for a merge.", default=2)
+    vocab_size: int = help_field("Vocabulary size of a trained tokenizer.", default=30522)
+    lowercase: bool = help_field("Lower-case text (WordPiece only).", default=True)
+    min_frequency: int = help_field("Minimum pair frequency for a merge.", default=2)
 
 
 @dataclass
 class DataArgs:
     """The corpus: raw text (or text fields of structured files), tokenized once and packed."""
 
-    train_files: list = _help(
+    train_files: list = help_field(
         "Files, folders or glob patterns (.txt, .jsonl, .json, .csv, .parquet, each optionally .gz); "
         "pkg://PACKAGE/path names a file inside an installed Python package.",
         default_factory=list,
     )
-    validation_files: list = _help("Validation files; when empty a fraction is held out.", default_factory=list)
-    validation_split_percentage: float = _help(
+    validation_files: list = help_field("Validation files; when empty a fraction is held out.", default_factory=list)
+    validation_split_percentage: float = help_field(
         "Percent of documents held out for validation when validation_files is empty.", default=5.0
     )
-    max_seq_length: int = _help("Tokens per packed block (special tokens included).", default=128)
-    text_field: str = _help("Column holding the text in .jsonl/.json/.csv/.parquet files.", default="text")
-    document_boundary: str = _help(
+    max_seq_length: int = help_field("Tokens per packed block (special tokens included).", default=128)
+    text_field: str = help_field("Column holding the text in .jsonl/.json/.csv/.parquet files.", default="text")
+    document_boundary: str = help_field(
         "How plain-text files split into documents: blank_line, line or file.", default="blank_line"
     )
-    preprocessing_num_workers: int | None = _help(
+    preprocessing_num_workers: int | None = help_field(
         "Processes for tokenization (None: one per CPU core for large corpora).", default=None
     )
-    cache_dir: str | None = _help(
+    cache_dir: str | None = help_field(
         "Where tokenized corpora are cached (default: $TOOLKIT_CACHE or ~/.cache/toolkit).", default=None
     )
 
@@ -188,32 +190,32 @@ class ObjectiveArgs:
     """What the model learns: mlm (masked LM), clm (causal LM), mlm+nsp or nsp (BERT's next-sentence
     prediction, with or without masked LM), or rtd (ELECTRA's replaced-token detection)."""
 
-    name: str = _help("Pretraining objective: mlm, clm, mlm+nsp, nsp or rtd.", default="mlm")
-    mlm_probability: float = _help("Share of tokens selected for masking.", default=0.15)
-    mask_replace_prob: float | None = _help(
+    name: str = help_field("Pretraining objective: mlm, clm, mlm+nsp, nsp or rtd.", default="mlm")
+    mlm_probability: float = help_field("Share of tokens selected for masking.", default=0.15)
+    mask_replace_prob: float | None = help_field(
         "Share of selected tokens replaced by [MASK]; unset: the objective's own (0.8 for BERT, 0.85 for rtd).",
         default=None,
     )
-    random_replace_prob: float | None = _help(
+    random_replace_prob: float | None = help_field(
         "Share of selected tokens replaced by a random token; unset: the objective's own (0.1 for BERT, 0 for rtd).",
         default=None,
     )
-    whole_word_mask: bool = _help("Mask whole words rather than single word pieces.", default=False)
+    whole_word_mask: bool = help_field("Mask whole words rather than single word pieces.", default=False)
     # next-sentence prediction (nsp, mlm+nsp)
-    short_seq_prob: float = _help(
+    short_seq_prob: float = help_field(
         "NSP: share of sentence pairs filled to a random shorter length instead of data.max_seq_length (BERT: 0.1).",
         default=0.1,
     )
-    pair_sampling: str = _help(
+    pair_sampling: str = help_field(
         "NSP: dynamic (sentence pairs drawn anew every epoch) or static (the same pairs every epoch).",
         default="dynamic",
     )
     # replaced-token detection (rtd, ELECTRA)
-    generator_hidden_fraction: float = _help(
+    generator_hidden_fraction: float = help_field(
         "rtd: generator hidden size as a fraction of the discriminator's (ELECTRA: 1/4; heads = hidden / 64).",
         default=0.25,
     )
-    discriminator_weight: float = _help(
+    discriminator_weight: float = help_field(
         "rtd: weight of the discriminator loss against the generator's masked-LM loss (ELECTRA: 50).",
         default=50.0,
     )
@@ -223,7 +225,7 @@ class ObjectiveArgs:
 class PretrainRecipe:
     """A pretraining run: `toolkit pretrain RECIPE [key=value ...]`."""
 
-    output_dir: str = _help("Where the model, tokenizer, metrics and checkpoints go.", default="outputs/pretrain")
+    output_dir: str = help_field("Where the model, tokenizer, metrics and checkpoints go.", default="outputs/pretrain")
     model: ModelArgs = field(default_factory=ModelArgs)
     tokenizer: TokenizerArgs = field(default_factory=TokenizerArgs)
     data: DataArgs = field(default_factory=DataArgs)
@@ -236,22 +238,22 @@ class PretrainRecipe:
         from toolkit.objectives import OBJECTIVES
 
         m, o, d, t = self.model, self.objective, self.data, self.training
-        _choice("model.architecture", m.architecture, ARCHITECTURES)
-        _choice("objective.name", o.name, OBJECTIVES)
+        check_choice("model.architecture", m.architecture, ARCHITECTURES)
+        check_choice("objective.name", o.name, OBJECTIVES)
         if m.model_name_or_path is None:
-            _choice("model.size", m.size, SIZES)
+            check_choice("model.size", m.size, SIZES)
         OBJECTIVES[o.name].check_recipe(self)
         if not d.train_files:
             raise ToolkitError(
                 "data.train_files is empty: give at least one text file, e.g. data.train_files=[corpus.txt]"
             )
-        _choice("data.document_boundary", d.document_boundary, ("blank_line", "line", "file"))
+        check_choice("data.document_boundary", d.document_boundary, ("blank_line", "line", "file"))
         if d.max_seq_length < 8:
             raise ToolkitError(f"data.max_seq_length={d.max_seq_length} is too short: use at least 8")
         if not d.validation_files and not 0 <= d.validation_split_percentage < 50:
             raise ToolkitError("data.validation_split_percentage must be in [0, 50)")
         if self.tokenizer.kind is not None:
-            _choice("tokenizer.kind", self.tokenizer.kind, ("wordpiece", "bpe"))
+            check_choice("tokenizer.kind", self.tokenizer.kind, ("wordpiece", "bpe"))
         if self.tokenizer.vocab_size < 100:
             raise ToolkitError(f"tokenizer.vocab_size={self.tokenizer.vocab_size} is too small: use at least 100")
         if not 0 < o.mlm_probability < 1:
@@ -262,13 +264,6 @@ class PretrainRecipe:
                 "objective.mask_replace_prob and objective.random_replace_prob must be >= 0 and sum to at most 1"
             )
         t.validate()
-
-
-def _choice(key: str, value: Any, allowed) -> None:
-    if value not in allowed:
-        near = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise ToolkitError(f"unknown {key} '{value}'{hint}: choose one of {', '.join(map(str, allowed))}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,11 +360,11 @@ def _unknown_key_message(cls, prefix: str, key: str) -> str:
     return f"unknown recipe key '{prefix}{key}'{hint} (valid keys here: {', '.join(local)})"
 
 
-_ROOTS: list = []
+RECIPE_CLASSES: list = []
 
 
 def _root_for(cls):
-    for root in _ROOTS:
+    for root in RECIPE_CLASSES:
         if cls is root or cls in {typing.get_type_hints(root)[f.name] for f in dataclasses.fields(root)}:
             return root
     return cls
@@ -425,22 +420,67 @@ def _check_type(key: str, value: Any, typ) -> Any:
     return value
 
 
-def load_recipe(cls, recipe: str | Path | dict | Any = None, overrides: dict | list | None = None):
-    """defaults < recipe (a YAML path, a dict or an instance) < overrides; then validate()."""
-    if isinstance(recipe, cls):
-        data = to_dict(recipe)
-    elif isinstance(recipe, dict):
-        data = recipe
-    elif recipe is None:
-        data = {}
-    else:
-        data = read_yaml(recipe)
-    if isinstance(overrides, list):
-        overrides = parse_overrides(overrides)
-    data = merge(data, overrides or {})
-    obj = from_dict(cls, data)
+def resolve(cls, recipe: str | Path | dict | Any = None, overrides: list | dict | None = None, **kwargs):
+    """The one way to a recipe: defaults < recipe (a YAML path, a dict or an instance) < overrides
+    (dotted strings, a nested dict, or keywords with `__` for the dot); then the defaults that depend on
+    other fields are filled (`derived_defaults`, a new recipe) and the result is validated.
+
+    An instance passes only the values it was given: what a previous resolve derived (the per-mode
+    learning rate, say) is derived again, so a resolved recipe can be re-resolved with another mode.
+    """
+    data = recipe_data(recipe)
+    data = merge(data, combine_overrides(overrides, kwargs))
+    return finish(cls, from_dict(cls, data))
+
+
+def finish(cls, obj):
+    """Fill the derived defaults of a freshly built recipe (remembering which), then validate it."""
+    derive = getattr(obj, "derived_defaults", None)
+    filled = derive() if derive else {}
+    if filled:
+        obj = from_dict(cls, merge(to_dict(obj), _tree(filled)))
+    object.__setattr__(obj, "_derived", frozenset(filled))
     obj.validate()
     return obj
+
+
+def recipe_data(recipe) -> dict:
+    """The values a recipe source gives: a YAML file, a dict, or an instance (derived values dropped)."""
+    if recipe is None:
+        return {}
+    if isinstance(recipe, dict):
+        return recipe
+    if dataclasses.is_dataclass(recipe):
+        data = to_dict(recipe)
+        for key in getattr(recipe, "_derived", ()):
+            _drop_dotted(data, key)
+        return data
+    return read_yaml(recipe)
+
+
+def combine_overrides(overrides: list | dict | None, kwargs: dict | None = None) -> dict:
+    """Overrides as one nested dict: dotted strings or a dict, then Python keywords (which win)."""
+    if isinstance(overrides, list):
+        tree = parse_overrides(overrides)
+    elif overrides:
+        tree = normalize_overrides(overrides)
+    else:
+        tree = {}
+    return merge(tree, normalize_overrides(kwargs or {}))
+
+
+def _tree(dotted: dict) -> dict:
+    tree: dict = {}
+    for key, value in dotted.items():
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _drop_dotted(tree: dict, key: str) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        tree = tree.get(part) or {}
+    tree.pop(last, None)
 
 
 def to_dict(obj) -> dict:
@@ -452,7 +492,7 @@ def to_yaml(obj) -> str:
 
 
 def help_text(cls, prefix: str = "") -> list[tuple[str, str, Any]]:
-    """(dotted key, help, default) for every field: used by `toolkit ... --help-recipe`."""
+    """(dotted key, help, default) for every field, from the dataclasses' own help."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -464,4 +504,25 @@ def help_text(cls, prefix: str = "") -> list[tuple[str, str, Any]]:
     return rows
 
 
-_ROOTS.append(PretrainRecipe)
+def recipe_help(cls) -> str:
+    """The recipe reference a command prints for `--help-recipe`: every key, its default and its help,
+    grouped by section under the section's own description."""
+    import textwrap
+
+    hints = typing.get_type_hints(cls)
+    lines = [f"{cls.__name__}: {(cls.__doc__ or '').strip()}", "Override any key as key=value (values are YAML)."]
+    section = None
+    for key, text, default in help_text(cls):
+        head = key.split(".")[0] if "." in key else ""
+        if head != section:
+            section = head
+            doc = (hints[head].__doc__ or "").strip() if head else ""
+            lines += ["", f"{head}:" + (f" {' '.join(doc.split())}" if doc else "") if head else "top level:"]
+        lines.append(
+            f"  {key} = {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}"
+        )
+        lines += textwrap.wrap(text, width=100, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+RECIPE_CLASSES.append(PretrainRecipe)

@@ -11,11 +11,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from toolkit.config import PretrainRecipe, load_recipe, normalize_overrides, to_dict, to_yaml
+from toolkit.config import PretrainRecipe, resolve
 from toolkit.data import blocks as block_data
 from toolkit.data import corpus
-from toolkit.engine import checkpoint
-from toolkit.errors import ToolkitError
+from toolkit.engine import run as harness
+from toolkit.engine.run import Setup, metrics_summary
 from toolkit.tokenizer import load_tokenizer, train_tokenizer
 
 
@@ -25,6 +25,9 @@ class PretrainResult:
     metrics: dict  # final eval metrics ("eval_*"), the initial ones ("initial_eval_*"), train stats
     model: object = None  # the trained transformers model, in memory (sharded under ZeRO-3/FSDP: load output_dir)
 
+    def summary(self) -> str:
+        return metrics_summary(self.output_dir, self.metrics)
+
 
 def pretrain(recipe=None, overrides: list[str] | dict | None = None, **kwargs) -> PretrainResult:
     """Pretrain from a recipe (YAML path, dict or PretrainRecipe) with optional overrides.
@@ -32,30 +35,7 @@ def pretrain(recipe=None, overrides: list[str] | dict | None = None, **kwargs) -
     Overrides: dotted strings (`["training.max_steps=20"]`), or keywords
     (`training__max_steps=20`, `**{"training.max_steps": 20}`, `training={"max_steps": 20}`).
     """
-    merged = normalize_overrides(kwargs)
-    if isinstance(overrides, list):
-        from toolkit.config import merge, parse_overrides
-
-        merged = merge(parse_overrides(overrides), merged)
-    elif overrides:
-        from toolkit.config import merge
-
-        merged = merge(normalize_overrides(overrides), merged)
-    return run(load_recipe(PretrainRecipe, recipe, merged))
-
-
-def check_output_dir(out: Path, resume: Path | None, t) -> None:
-    """A new run must not silently mix with an old one in the same folder."""
-    if resume is not None or not out.exists():
-        return
-    owned = [p for p in ("checkpoints", "metrics.jsonl", "runs") if (out / p).exists()]
-    if not owned:
-        return
-    if not t.overwrite_output_dir:
-        raise ToolkitError(
-            f"output_dir '{out}' already holds a run: continue it with training.resume_from_checkpoint=auto, "
-            "start over with training.overwrite_output_dir=true, or choose another output_dir"
-        )
+    return run(resolve(PretrainRecipe, recipe, overrides, **kwargs))
 
 
 def resolve_tokenizer(recipe: PretrainRecipe, resume: Path | None, documents):
@@ -95,117 +75,48 @@ def resolve_tokenizer(recipe: PretrainRecipe, resume: Path | None, documents):
 
 
 def run(recipe: PretrainRecipe) -> PretrainResult:
-    from accelerate.utils import set_seed
-
-    from toolkit.engine.distributed import full_state_dict
-    from toolkit.engine.loop import Job, make_accelerator, train
     from toolkit.objectives import OBJECTIVES
 
-    t, out = recipe.training, Path(recipe.output_dir)
-    # ---- every check that can fail on user input runs before any work or any file is written ---
-    resume = checkpoint.resolve_resume(out, t.resume_from_checkpoint)
-    check_output_dir(out, resume, t)
-    for f in corpus.expand(recipe.data.train_files, "data.train_files") + corpus.expand(
-        recipe.data.validation_files, "data.validation_files"
-    ):
-        corpus.check_file(f)
-    if recipe.model.model_name_or_path:
-        from toolkit.models import check_model_dir
-
-        check_model_dir(recipe.model.model_name_or_path)
-
-    accelerator = make_accelerator(t, out)
-    set_seed(t.seed)
     objective_cls = OBJECTIVES[recipe.objective.name]
+    seed = recipe.training.seed
 
-    # ---- tokenizer and the objective's data (main process first: the others read the cache) ----
-    docs_cache: dict = {}
+    def checks() -> None:
+        d = recipe.data
+        for f in corpus.expand(d.train_files, "data.train_files") + corpus.expand(
+            d.validation_files, "data.validation_files"
+        ):
+            corpus.check_file(f)
+        if recipe.model.model_name_or_path:
+            from toolkit.models import check_model_dir
 
-    def documents():
-        if "docs" not in docs_cache:
-            d = recipe.data
-            docs_cache["docs"] = block_data.split_documents(
-                d, t.seed, corpus.expand(d.train_files), corpus.expand(d.validation_files) if d.validation_files else []
-            )
-            objective_cls.check_documents(recipe, *docs_cache["docs"])  # before any tokenizing
-        return docs_cache["docs"]
+            check_model_dir(recipe.model.model_name_or_path)
 
-    with accelerator.main_process_first():
-        tokenizer = resolve_tokenizer(recipe, resume, documents)
-        data = objective_cls.prepare_data(recipe, tokenizer, t.seed, documents)
-    if accelerator.is_main_process:
-        print(data.summary())
+    def setup(accelerator, resume) -> Setup:
+        docs_cache: dict = {}
 
-    # ---- model and objective; the shared engine trains it --------------------------------------
-    objective = objective_cls.from_recipe(recipe, tokenizer)
-    out.mkdir(parents=True, exist_ok=True)
-    if resume is None and t.overwrite_output_dir and accelerator.is_main_process:
-        for p in ("checkpoints", "runs"):
-            shutil.rmtree(out / p, ignore_errors=True)
+        def documents():
+            if "docs" not in docs_cache:
+                d = recipe.data
+                validation = corpus.expand(d.validation_files) if d.validation_files else []
+                docs_cache["docs"] = block_data.split_documents(d, seed, corpus.expand(d.train_files), validation)
+                objective_cls.check_documents(recipe, *docs_cache["docs"])  # before any tokenizing
+            return docs_cache["docs"]
 
-    def write_extras(folder: Path) -> None:
-        (folder / "recipe.yaml").write_text(to_yaml(recipe))
-        tokenizer.save_pretrained(str(folder))
-
-    job = Job(
-        objective=objective,
-        tokenizer=tokenizer,
-        train_data=data.train,
-        eval_data=data.validation,
-        training=t,
-        output_dir=out,
-        write_extras=write_extras,
-        tracker_config=_flat(to_dict(recipe)),
-    )
-    history, model = train(job, accelerator, resume)
-
-    # ---- outputs: ordinary Hugging Face folders + recipe + model card ---------------------------
-    metrics = _final_metrics(history)
-    # full-size weights from ZeRO-3 / FSDP shards (every process takes part), fp32 under DeepSpeed
-    state_dict = full_state_dict(accelerator, model)
-    if accelerator.is_main_process:
+        # the tokenizer and the objective's data: main process first, the others read its cache
+        with accelerator.main_process_first():
+            tokenizer = resolve_tokenizer(recipe, resume, documents)
+            data = objective_cls.prepare_data(recipe, tokenizer, seed, documents)
+        if accelerator.is_main_process:
+            print(data.summary())
         from toolkit.card import write_model_card
 
-        def write_final(folder: Path) -> None:
-            accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state_dict)
-            write_extras(folder)
-            write_model_card(folder, recipe, data.stats, metrics)
+        return Setup(
+            objective=objective_cls.from_recipe(recipe, tokenizer),
+            tokenizer=tokenizer,
+            train_data=data.train,
+            eval_data=data.validation,
+            write_card=lambda folder, metrics: write_model_card(folder, recipe, data.stats, metrics),
+        )
 
-        publish(out, write_final)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    trained = accelerator.unwrap_model(model).model
-    return PretrainResult(output_dir=out, metrics=metrics, model=trained)
-
-
-def publish(out: Path, write) -> None:
-    """Write the final files into a temporary folder, then move them into place."""
-    tmp = out / ".tmp-final"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    for entry in sorted(tmp.iterdir()):
-        target = out / entry.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        entry.replace(target)
-    tmp.rmdir()
-
-
-def _final_metrics(history: dict) -> dict:
-    facts = ("steps", "tokens_seen", "train_seconds", "world_size", "engine", "optimizer")
-    metrics = {k: history[k] for k in facts + ("skipped_nonfinite_steps", "skipped_loss_scaler_steps") if k in history}
-    metrics.update({f"train_{k}": v for k, v in history.get("train", {}).items()})
-    metrics.update({f"eval_{k}": v for k, v in history.get("eval", {}).items()})
-    metrics.update({f"initial_eval_{k}": v for k, v in history.get("initial", {}).items()})
-    return metrics
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
+    outcome = harness.run(recipe, setup, name="pretrain", checks=checks)
+    return PretrainResult(output_dir=outcome.output_dir, metrics=outcome.metrics, model=outcome.model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from toolkit.config import PretrainRecipe, load_recipe, read_yaml
+from toolkit.config import PretrainRecipe, read_yaml, resolve
 from toolkit.errors import ToolkitError
 
 # Which recipe class a YAML file is, by its top-level sections: (section, "module:Class"), imported
@@ -39,7 +39,7 @@ def validate_file(path: str | Path) -> None:
     if "compute_environment" in data or "distributed_type" in data:  # an accelerate launch config
         validate_launch_config(path, data)
         return
-    load_recipe(recipe_class(data), data)
+    resolve(recipe_class(data), data)
     if not path.read_text().lstrip().startswith("#"):
         raise ToolkitError(f"{path}: a shipped recipe starts with a comment giving its launch commands")
 

@@ -133,3 +133,20 @@ def separator_id(tokenizer) -> int:
         if tid is not None:
             return tid
     raise ToolkitError("the tokenizer has neither a separator nor an end-of-text token to mark document ends")
+
+
+def load_model_tokenizer(model_dir: str, tokenizer_dir: str | None = None):
+    """The checkpoint's tokenizer (or tokenizer_name_or_path); decoders without a pad token get their
+    end-of-text token as padding."""
+    source = tokenizer_dir or model_dir
+    if tokenizer_dir is None and not (Path(model_dir) / "tokenizer_config.json").is_file():
+        raise ToolkitError(
+            f"'{model_dir}' holds no tokenizer: set model.tokenizer_name_or_path to the tokenizer folder"
+        )
+    tokenizer = load_tokenizer(source)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ToolkitError(f"the tokenizer in '{source}' has neither a padding nor an end-of-text token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer

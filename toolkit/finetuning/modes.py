@@ -15,13 +15,13 @@ adapter, while the base weights stay untouched.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from toolkit.errors import ToolkitError
 from toolkit.finetuning.heads import NATIVE_CLASSES, head_modules, is_decoder, mean_pooled
+from toolkit.hf import quiet_transformers
 
 # Modules the 4-bit base keeps in full precision: the head, which trains. transformers matches these
 # from the start of a module's name or as a suffix, so BERT's pooler (`bert.pooler.dense`) needs `.*`.
@@ -35,27 +35,6 @@ class Built:
     trainable: int
     total: int
     new_weights: list[str]  # parameters the checkpoint did not have (initialised fresh)
-
-
-def load_tokenizer(model_dir: str, tokenizer_dir: str | None):
-    """The checkpoint's tokenizer (or tokenizer_name_or_path); decoders without a pad token get their
-    end-of-text token as padding."""
-    from pathlib import Path
-
-    from toolkit.tokenizer import load_tokenizer as load
-
-    source = tokenizer_dir or model_dir
-    if tokenizer_dir is None and not (Path(model_dir) / "tokenizer_config.json").is_file():
-        raise ToolkitError(
-            f"'{model_dir}' holds no tokenizer: set model.tokenizer_name_or_path to the tokenizer folder"
-        )
-    tokenizer = load(source)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ToolkitError(f"the tokenizer in '{source}' has neither a padding nor an end-of-text token")
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    return tokenizer
 
 
 def classification_config(model_dir: str, data, tokenizer, overrides: dict):
@@ -77,19 +56,6 @@ def classification_config(model_dir: str, data, tokenizer, overrides: dict):
     return config
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    """The loader's report of freshly initialised head weights is expected here; we print our own line."""
-    from transformers.utils import logging
-
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
-
-
 def build(recipe, data, tokenizer, model_dir: str, device) -> Built:
     """Load the checkpoint as a sequence classifier and make the mode's parameters trainable."""
     import transformers
@@ -98,9 +64,9 @@ def build(recipe, data, tokenizer, model_dir: str, device) -> Built:
     config = classification_config(model_dir, data, tokenizer, recipe.model.config_overrides)
     kwargs: dict = {"config": config}
     if f.mode == "qlora":
-        kwargs.update(quantization_config=_bnb_config(f, config), device_map={"": device})
+        kwargs.update(quantization_config=bnb_config(f, config), device_map={"": device})
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
                 model_dir, output_loading_info=True, **kwargs
             )
@@ -139,7 +105,7 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def _bnb_config(f, config):
+def bnb_config(f, config):
     from transformers import BitsAndBytesConfig
 
     try:

@@ -18,11 +18,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from toolkit.config import load_recipe, merge, normalize_overrides, parse_overrides, to_dict, to_yaml
-from toolkit.engine import checkpoint
+from toolkit.config import resolve
+from toolkit.engine import run as harness
+from toolkit.engine.run import Setup, metrics_summary
 from toolkit.finetuning.config import PEFT_MODES, POOLING_MODES, FinetuneRecipe
 
-RESULTS_FILE = "results.json"
 POOLING_FILE = "toolkit_pooling.py"
 
 
@@ -33,19 +33,8 @@ class FinetuneResult:
     model: object = None  # the trained transformers (or PEFT) model, in memory
     tokenizer: object = None
 
-
-def resolve(recipe=None, overrides: list[str] | dict | None = None, **kwargs) -> FinetuneRecipe:
-    """A validated FinetuneRecipe from a YAML path / dict / recipe plus overrides (as pretrain takes them)."""
-    return load_recipe(FinetuneRecipe, recipe, combine_overrides(overrides, kwargs))
-
-
-def combine_overrides(overrides, kwargs: dict) -> dict:
-    merged = normalize_overrides(kwargs)
-    if isinstance(overrides, list):
-        merged = merge(parse_overrides(overrides), merged)
-    elif overrides:
-        merged = merge(normalize_overrides(overrides), merged)
-    return merged
+    def summary(self) -> str:
+        return metrics_summary(self.output_dir, self.metrics, f"mode {self.metrics.get('mode')}")
 
 
 def finetune(recipe=None, overrides: list[str] | dict | None = None, **kwargs) -> FinetuneResult:
@@ -54,134 +43,119 @@ def finetune(recipe=None, overrides: list[str] | dict | None = None, **kwargs) -
     Overrides: dotted strings (`["finetune.mode=lora"]`), or keywords (`finetune__mode="lora"`,
     `**{"training.num_train_epochs": 2}`, `task={"name": "sms-spam"}`).
     """
-    return run(resolve(recipe, overrides, **kwargs))
+    return run(resolve(FinetuneRecipe, recipe, overrides, **kwargs))
 
 
 def run(recipe: FinetuneRecipe) -> FinetuneResult:
-    from accelerate.utils import set_seed
-
-    from toolkit.engine.loop import Job, make_accelerator, train
     from toolkit.finetuning import modes
-    from toolkit.finetuning.objective import FrozenHead, SequenceClassifier
     from toolkit.finetuning.tasks import load_task
+    from toolkit.hf import quiet_datasets
     from toolkit.models import check_model_dir, load_config
     from toolkit.paths import resolve_path
-    from toolkit.pretraining import check_output_dir, publish
+    from toolkit.tokenizer import load_model_tokenizer
 
     started = time.perf_counter()
-    t, f, out = recipe.training, recipe.finetune, Path(recipe.output_dir)
-    # ---- every check that can fail on user input runs before any work or any file is written ---
-    resume = checkpoint.resolve_resume(out, t.resume_from_checkpoint)
-    check_output_dir(out, resume, t)
+    f = recipe.finetune
     model_dir = resolve_path(recipe.model.model_name_or_path)
-    check_model_dir(model_dir)
     tokenizer_dir = resolve_path(recipe.model.tokenizer_name_or_path) if recipe.model.tokenizer_name_or_path else None
-    tokenizer = modes.load_tokenizer(model_dir, tokenizer_dir)
-    modes.check_lengths(recipe, load_config(model_dir, {}))
-    with _quiet_datasets():
-        data = load_task(recipe.task, tokenizer)
+    loaded: dict = {}
 
-    accelerator = make_accelerator(t, out)
-    set_seed(t.seed)
-    main = accelerator.is_main_process
-    if main:
-        rows = ", ".join(f"{k} {v}" for k, v in data.rows.items())
-        kind = f"{len(data.labels)} classes ({', '.join(data.labels)})" if data.labels else "regression"
-        print(f"task: {rows} rows; {kind}" + "".join(f"\n  note: {n}" for n in data.notes))
+    def checks() -> None:  # the checkpoint, its tokenizer and the task's data, before any training
+        check_model_dir(model_dir)
+        loaded["tokenizer"] = tokenizer = load_model_tokenizer(model_dir, tokenizer_dir)
+        modes.check_lengths(recipe, load_config(model_dir, {}))
+        with quiet_datasets():
+            loaded["data"] = load_task(recipe.task, tokenizer)
 
-    # ---- the model in its mode ------------------------------------------------------------------
-    built = modes.build(recipe, data, tokenizer, model_dir, accelerator.device)
-    if main:
-        share = 100 * built.trainable / max(built.total, 1)
-        print(
-            f"model: {type(built.base).__name__} from {recipe.model.model_name_or_path}, mode {f.mode}: "
-            f"{built.trainable:,} of {built.total:,} parameters train ({share:.2f}%)"
-            + (f"; new: {_summarise(built.new_weights)}" if built.new_weights else "")
+    def setup(accelerator, resume) -> Setup:
+        tokenizer, data = loaded["tokenizer"], loaded["data"]
+        main = accelerator.is_main_process
+        if main:
+            rows = ", ".join(f"{k} {v}" for k, v in data.rows.items())
+            kind = f"{len(data.labels)} classes ({', '.join(data.labels)})" if data.labels else "regression"
+            print(f"task: {rows} rows; {kind}" + "".join(f"\n  note: {n}" for n in data.notes))
+        built = modes.build(recipe, data, tokenizer, model_dir, accelerator.device)
+        if main:
+            share = 100 * built.trainable / max(built.total, 1)
+            print(
+                f"model: {type(built.base).__name__} from {recipe.model.model_name_or_path}, mode {f.mode}: "
+                f"{built.trainable:,} of {built.total:,} parameters train ({share:.2f}%)"
+                + (f"; new: {_summarise(built.new_weights)}" if built.new_weights else "")
+            )
+        objective, train_data, eval_data, test_data, feature_seconds = _objective_and_data(
+            recipe, data, built, tokenizer, model_dir, accelerator
         )
-    objective_args = dataclasses.replace(f)
-    train_data, eval_data, test_data = data.train, data.validation, data.test
-    feature_seconds = 0.0
-    if f.mode == "frozen":
-        train_data, eval_data, test_data, feature_seconds = _frozen_features(
-            recipe, data, built, model_dir, accelerator
-        )
-        objective = FrozenHead(built.model, objective_args, data.problem_type, tokenizer.pad_token_id)
-    else:
-        pad_to = modes.fixed_padding(recipe, built.base)
-        objective = SequenceClassifier(
-            built.model, objective_args, data.problem_type, tokenizer.pad_token_id, pad_to, recipe.task.max_seq_length
-        )
+        test_examples: dict = {}
 
-    out.mkdir(parents=True, exist_ok=True)
-    if resume is None and t.overwrite_output_dir and main:
-        for p in ("checkpoints", "runs"):
-            shutil.rmtree(out / p, ignore_errors=True)
+        def after_train(model, accelerator, job) -> dict:  # the test split, every prediction kept
+            from toolkit.engine.loop import eval_loader, evaluate
 
-    def write_extras(folder: Path) -> None:
-        (folder / "recipe.yaml").write_text(to_yaml(recipe))
-        tokenizer.save_pretrained(str(folder))
+            if test_data is None:
+                return {}
+            loader = eval_loader(dataclasses.replace(job, eval_data=test_data), accelerator, job.training.seed)
+            scores = evaluate(model, objective, loader, accelerator, examples_out=test_examples)
+            return {f"test_{k}": v for k, v in scores.items()}
 
-    job = Job(
-        objective=objective,
-        tokenizer=tokenizer,
-        train_data=train_data,
-        eval_data=eval_data,
-        training=t,
-        output_dir=out,
-        write_extras=write_extras,
-        tracker_config=_flat(to_dict(recipe)),
-        name=f"finetune-{f.mode}",
-    )
-    from toolkit.engine.loop import eval_loader, evaluate
-
-    with _one_thread(f.mode == "frozen" and accelerator.device.type == "cpu"):
-        history, model = train(job, accelerator, resume)
-
-        # ---- test split, with every prediction kept ---------------------------------------------
-        test_metrics, test_examples = {}, {}
-        if test_data is not None:
-            loader = eval_loader(dataclasses.replace(job, eval_data=test_data), accelerator, t.seed)
-            test_metrics = evaluate(model, objective, loader, accelerator, examples_out=test_examples)
-
-    # ---- outputs: a model or adapter folder + recipe, metrics, predictions, model card ----------
-    metrics = _final_metrics(history, test_metrics)
-    epochs = history.get("train", {}).get("epoch") or 0.0
-    metrics.update(
-        mode=f.mode,
-        trainable_params=built.trainable,
-        total_params=built.total,
-        trainable_share=built.trainable / max(built.total, 1),
-        epochs=epochs,
-        feature_seconds=feature_seconds,
-        train_seconds_per_epoch=metrics["train_seconds"] / epochs if epochs else None,
-    )
-    from toolkit.engine.distributed import full_state_dict
-
-    state_dict = full_state_dict(accelerator, model)  # gathers ZeRO-3 / FSDP shards; fp32 under DeepSpeed
-    if main:
-        from toolkit.finetuning.card import write_model_card
-
-        trained = accelerator.unwrap_model(model).model
-
-        def write_final(folder: Path) -> None:
-            save_model(trained, folder, recipe, model_dir, state_dict)
-            write_extras(folder)
-            metrics["output_bytes"] = output_size(folder)
-            metrics["total_seconds"] = time.perf_counter() - started
-            (folder / RESULTS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        def write_outputs(folder: Path, metrics: dict) -> None:
+            epochs = metrics.get("train_epoch") or 0.0
+            metrics.update(
+                epochs=epochs,
+                train_seconds_per_epoch=metrics["train_seconds"] / epochs if epochs else None,
+                output_bytes=output_size(folder),
+                total_seconds=time.perf_counter() - started,
+            )
             if test_examples:
                 write_predictions(folder / "test_predictions.csv", data, data.test, test_examples)
-            write_model_card(folder, recipe, data, metrics, model_dir)
 
-        publish(out, write_final)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    trained = accelerator.unwrap_model(model).model
+        from toolkit.finetuning.card import write_model_card
+
+        return Setup(
+            objective=objective,
+            tokenizer=tokenizer,
+            train_data=train_data,
+            eval_data=eval_data,
+            after_train=after_train,
+            save_model=lambda folder, objective, state: save_model(objective.model, folder, recipe, model_dir, state),
+            write_outputs=write_outputs,
+            write_card=lambda folder, metrics: write_model_card(folder, recipe, data, metrics, model_dir),
+            # the frozen mode's head is tiny: on CPU a second thread costs more than it saves
+            train_context=_one_thread(f.mode == "frozen" and accelerator.device.type == "cpu"),
+            metrics={
+                "mode": f.mode,
+                "trainable_params": built.trainable,
+                "total_params": built.total,
+                "trainable_share": built.trainable / max(built.total, 1),
+                "feature_seconds": feature_seconds,
+            },
+        )
+
+    outcome = harness.run(recipe, setup, name=f"finetune-{f.mode}", checks=checks)
+    trained = outcome.model
     if f.mode == "frozen" and f.pooling == "mean":  # in memory as saved: the mean-pooling forward
         from toolkit.finetuning.heads import mean_pooled
 
         trained.__class__ = mean_pooled(type(trained).__name__)[1]
-    return FinetuneResult(output_dir=out, metrics=metrics, model=trained, tokenizer=tokenizer)
+    return FinetuneResult(
+        output_dir=outcome.output_dir, metrics=outcome.metrics, model=trained, tokenizer=loaded["tokenizer"]
+    )
+
+
+def _objective_and_data(recipe, data, built, tokenizer, model_dir, accelerator):
+    """The training objective of the mode and the splits it reads (the frozen mode: cached features)."""
+    from toolkit.finetuning import modes
+    from toolkit.finetuning.objective import FrozenHead, SequenceClassifier
+
+    f = recipe.finetune
+    args = dataclasses.replace(f)
+    if f.mode == "frozen":
+        train_data, eval_data, test_data, seconds = _frozen_features(recipe, data, built, model_dir, accelerator)
+        objective = FrozenHead(built.model, args, data.problem_type, tokenizer.pad_token_id)
+        return objective, train_data, eval_data, test_data, seconds
+    pad_to = modes.fixed_padding(recipe, built.base)
+    objective = SequenceClassifier(
+        built.model, args, data.problem_type, tokenizer.pad_token_id, pad_to, recipe.task.max_seq_length
+    )
+    return objective, data.train, data.validation, data.test, 0.0
 
 
 def _frozen_features(recipe, data, built, model_dir, accelerator):
@@ -288,28 +262,9 @@ def write_predictions(path: Path, data, test_ds, examples: dict) -> None:
             )
 
 
-def _final_metrics(history: dict, test: dict) -> dict:
-    metrics = {k: history[k] for k in ("steps", "train_seconds", "world_size")}
-    metrics.update({f"train_{k}": v for k, v in history.get("train", {}).items()})
-    metrics.update({f"eval_{k}": v for k, v in history.get("eval", {}).items()})
-    metrics.update({f"initial_eval_{k}": v for k, v in history.get("initial", {}).items()})
-    metrics.update({f"test_{k}": v for k, v in test.items()})
-    return metrics
-
-
 def _summarise(names: list[str]) -> str:
     modules = sorted({n.rsplit(".", 1)[0] for n in names})
     return ", ".join(modules[:4]) + (f" (+{len(modules) - 4} more)" if len(modules) > 4 else "")
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
 
 
 @contextlib.contextmanager
@@ -325,16 +280,3 @@ def _one_thread(enabled: bool):
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-@contextlib.contextmanager
-def _quiet_datasets():
-    import datasets
-
-    enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if enabled:
-            datasets.enable_progress_bars()

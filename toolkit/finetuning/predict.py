@@ -21,8 +21,8 @@ def load_finetuned(path: str | Path):
     import yaml
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from toolkit.finetuning.modes import load_tokenizer
     from toolkit.paths import resolve_path
+    from toolkit.tokenizer import load_model_tokenizer
 
     path = Path(resolve_path(path))
     if not (path / "config.json").is_file():
@@ -42,17 +42,17 @@ def load_finetuned(path: str | Path):
         kwargs = {}
         if recipe.get("finetune", {}).get("mode") == "qlora":
             from toolkit.finetuning.config import FinetuneArgs
-            from toolkit.finetuning.modes import _bnb_config
+            from toolkit.finetuning.modes import bnb_config
 
             known = {k: v for k, v in recipe["finetune"].items() if k in FinetuneArgs.__dataclass_fields__}
-            kwargs.update(quantization_config=_bnb_config(FinetuneArgs(**known), config), device_map={"": "cpu"})
+            kwargs.update(quantization_config=bnb_config(FinetuneArgs(**known), config), device_map={"": "cpu"})
         model = AutoModelForSequenceClassification.from_pretrained(base, config=config, **kwargs)
         model = PeftModel.from_pretrained(model, str(path))
         if peft_config.peft_type == PeftType.PREFIX_TUNING:
             support_prefix_tuning(model)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(str(path), trust_remote_code=remote)
-    return model.eval(), load_tokenizer(str(path), None), recipe
+    return model.eval(), load_model_tokenizer(str(path)), recipe
 
 
 def predict(
@@ -67,15 +67,15 @@ def predict(
     .jsonl); returns (output path, metrics when the file has the label column, else {})."""
     from toolkit.finetuning import metrics as task_metrics
     from toolkit.finetuning.heads import is_decoder
-    from toolkit.finetuning.pipeline import _quiet_datasets
-    from toolkit.finetuning.tasks import _label_strings, read_table, tokenize
+    from toolkit.finetuning.tasks import label_strings, read_table, tokenize
+    from toolkit.hf import quiet_datasets
 
     model, tokenizer, recipe = load_finetuned(model_dir)
     task = recipe.get("task", {})
     fields = list(text_fields or task.get("text_fields") or ["text"])
     label_field = task.get("label_field", "label")
     max_len = task.get("max_seq_length") or 128
-    with _quiet_datasets():
+    with quiet_datasets():
         table = read_table(file, file_format or task.get("file_format"), "predict")
         if hasattr(table, "keys"):
             if "test" not in table:
@@ -138,7 +138,7 @@ def predict(
         if regression:
             labels = torch.tensor([float(v) for v in values])
         else:
-            strings = _label_strings(table.features[label_field], values)
+            strings = label_strings(table.features[label_field], values)
             if all(s in config.label2id for s in strings):
                 labels = torch.tensor([config.label2id[s] for s in strings])
             else:

@@ -231,7 +231,7 @@ def load_task(task, tokenizer=None, seed: int | None = None) -> TaskData:
             )
         names = None
     else:
-        train_labels = _label_strings(feature, values)
+        train_labels = label_strings(feature, values)
         seen = _sorted_labels(feature, values, train_labels)
         names = names or seen
         unknown = sorted(set(train_labels) - set(names))
@@ -247,7 +247,7 @@ def load_task(task, tokenizer=None, seed: int | None = None) -> TaskData:
             )
 
     # ---- held-out splits (stratified), then optional subsampling --------------------------------
-    strat = None if problem_type == "regression" else _label_strings(feature, values)
+    strat = None if problem_type == "regression" else label_strings(feature, values)
     train, remaining = raw["train"], 1.0  # shares are of all training rows
     if "test" not in raw and task.test_split > 0:
         keep, held = _split(len(train), task.test_split, split_seed, strat)
@@ -268,7 +268,7 @@ def load_task(task, tokenizer=None, seed: int | None = None) -> TaskData:
             s = (
                 None
                 if problem_type == "regression"
-                else _label_strings(raw[split].features[label_field], ds[label_field][:])
+                else label_strings(raw[split].features[label_field], ds[label_field][:])
             )
             keep, _ = _split(len(ds), len(ds) - limit, split_seed + 2, s)
             raw[split] = ds.select(keep)
@@ -287,7 +287,7 @@ def load_task(task, tokenizer=None, seed: int | None = None) -> TaskData:
                 )
             ids = [float(v) for v in values]
         else:
-            strings = _label_strings(feat, values)
+            strings = label_strings(feat, values)
             unseen = Counter(s for s in strings if s not in label2id)
             if unseen:
                 listed = ", ".join(f"{k!r} ({n} rows)" for k, n in unseen.most_common(5))
@@ -377,7 +377,7 @@ def _infer_problem_type(feature, values) -> str:
     return "classification"
 
 
-def _label_strings(feature, values) -> list[str]:
+def label_strings(feature, values) -> list[str]:
     """Labels as the strings that name their class (ClassLabel ids become their names)."""
     names = getattr(feature, "names", None)
     if names is not None:

@@ -151,14 +151,14 @@ class Objective(nn.Module):
     # ---- outputs ------------------------------------------------------------------------------
     def save_pretrained(self, output_dir, state_dict: dict | None = None) -> None:
         """Write the trained network(s) as ordinary Hugging Face folders."""
-        self.model.save_pretrained(output_dir, state_dict=_strip_prefix(state_dict, "model."))
+        self.model.save_pretrained(output_dir, state_dict=strip_prefix(state_dict, "model."))
 
     def hf_models(self) -> dict[str, nn.Module]:
         """The transformers models this objective trains, by sub-folder ('' is output_dir)."""
         return {"": self.model}
 
 
-def _strip_prefix(state_dict: dict | None, prefix: str) -> dict | None:
+def strip_prefix(state_dict: dict | None, prefix: str) -> dict | None:
     if state_dict is None:
         return None
     return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}

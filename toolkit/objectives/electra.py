@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from toolkit.data.collators import ReplacedTokenCollator
 from toolkit.errors import ToolkitError
-from toolkit.objectives.base import Objective, _strip_prefix, perplexity
+from toolkit.objectives.base import Objective, strip_prefix, perplexity
 from toolkit.objectives.mlm import masked_lm_logits, token_loss
 
 _USAGE = """import torch
@@ -232,8 +232,8 @@ class ReplacedTokenDetection(Objective):
     def save_pretrained(self, output_dir, state_dict: dict | None = None) -> None:
         """Discriminator at `output_dir`, generator (with the tokenizer) at `output_dir/generator`."""
         output_dir = Path(output_dir)
-        discriminator = _strip_prefix(state_dict, "model.")
-        generator = _strip_prefix(state_dict, "generator.")
+        discriminator = strip_prefix(state_dict, "model.")
+        generator = strip_prefix(state_dict, "generator.")
         if generator is not None:  # a gathered (e.g. ZeRO-3) state dict may name shared tensors once
             for key, value in discriminator.items():
                 if key.startswith("electra.embeddings."):

@@ -17,7 +17,7 @@ As in the masked-LM objective, the vocabulary projection runs only at the masked
 from __future__ import annotations
 
 from toolkit.data.collators import MaskedLMCollator, PairCollator
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, check_choice
 from toolkit.objectives.base import Objective, perplexity
 from toolkit.objectives.mlm import token_loss
 
@@ -58,10 +58,9 @@ class NextSentencePrediction(Objective):
     @classmethod
     def check_recipe(cls, recipe) -> None:
         super().check_recipe(recipe)
-        from toolkit.config import _choice
 
         o = recipe.objective
-        _choice("objective.pair_sampling", o.pair_sampling, ("dynamic", "static"))
+        check_choice("objective.pair_sampling", o.pair_sampling, ("dynamic", "static"))
         if not 0 <= o.short_seq_prob <= 1:
             raise ToolkitError(f"objective.short_seq_prob={o.short_seq_prob} must be between 0 and 1")
 
