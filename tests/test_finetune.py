@@ -686,7 +686,9 @@ def test_compare_of_a_resolved_recipe_trains_each_mode_at_its_own_rate(tmp_path,
     again = resolve(FinetuneRecipe, resolved, ["finetune.mode=lora"])  # re-resolving derives anew
     assert again.training.learning_rate == MODE_LEARNING_RATES["lora"]
     pinned = resolve(FinetuneRecipe, spec, ["training.learning_rate=0.002", "finetune.mode=lora"])
-    assert resolve(FinetuneRecipe, pinned, ["finetune.mode=frozen"]).training.learning_rate == 0.002  # a given rate stays
+    assert (
+        resolve(FinetuneRecipe, pinned, ["finetune.mode=frozen"]).training.learning_rate == 0.002
+    )  # a given rate stays
 
     trained_at = {}
 

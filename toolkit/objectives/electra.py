@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from toolkit.data.collators import ReplacedTokenCollator
 from toolkit.errors import ToolkitError
-from toolkit.objectives.base import Objective, strip_prefix, perplexity
+from toolkit.objectives.base import Objective, perplexity, strip_prefix
 from toolkit.objectives.mlm import masked_lm_logits, token_loss
 
 _USAGE = """import torch
