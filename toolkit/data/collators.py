@@ -61,7 +61,8 @@ class MaskedLMCollator:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self.word_selector = library(mlm_probability, whole_word=True)
-        # The replacement split alone: probability 1 on exactly the chosen positions.
+        # The replacement split alone: probability 1 on exactly the chosen positions. It is drawn for
+        # each piece, whole words included, as BERT's create_masked_lm_predictions draws it.
         self.replacer = library(1.0)
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
         self.pad_id = tokenizer.pad_token_id
@@ -89,7 +90,7 @@ class MaskedLMCollator:
                     one.clone(), special_tokens_mask=not_maskable, offset_mapping=offsets[row : row + 1]
                 )
                 chosen = _within_budget(selected[0] != -100, words[row], self.max_predictions, generator)
-            else:  # today's path, unchanged: the library selects and replaces
+            else:  # single pieces by Bernoulli: the library selects and replaces; a cap then drops a part
                 self.masker.generator = generator
                 x, y = self.masker.torch_mask_tokens(one.clone(), special_tokens_mask=not_maskable)
                 chosen = _within_budget(y[0] != -100, words[row], self.max_predictions, generator)
