@@ -141,14 +141,113 @@ def test_masking_depends_only_on_seed_epoch_and_example(tokenizer, tmp_path, cor
 def test_whole_word_masking_masks_all_pieces_of_a_word(tokenizer, tmp_path, corpus_dir):
     for raw, batch in _mask_batches(tokenizer, tmp_path, corpus_dir, n_batches=10, whole_word_mask=True):
         chosen = batch["labels"] != -100
-        starts = raw["word_start"].bool()
-        special = torch.isin(raw["input_ids"], torch.tensor(tokenizer.all_special_ids))
-        # a continuation piece is masked exactly when the piece before it is (a word cut by the
-        # block start is a word of its own: its predecessor is [CLS])
-        cont = ~starts[:, 1:] & ~special[:, 1:] & ~special[:, :-1]
-        assert cont.any()
-        assert torch.equal(chosen[:, 1:][cont], chosen[:, :-1][cont])
+        assert torch.equal(*_continuation_pieces_and_their_predecessors(raw, batch, tokenizer))
     assert chosen.any()
+
+
+def _continuation_pieces_and_their_predecessors(raw, batch, tokenizer):
+    """(selected?) of every continuation piece and of the piece before it: equal when words are
+    selected whole (a word cut by the block start is a word of its own: its predecessor is [CLS])."""
+    chosen = batch["labels"] != -100
+    special = _special_at(raw, tokenizer)
+    cont = ~raw["word_start"].bool()[:, 1:] & ~special[:, 1:] & ~special[:, :-1]
+    assert cont.any()
+    return chosen[:, 1:][cont], chosen[:, :-1][cont]
+
+
+def _shares(batches, tokenizer):
+    """(selected tokens, and the shares of them that became [MASK], a random token, or stayed)."""
+    selected = masked = kept = 0
+    for raw, batch in batches:
+        chosen = batch["labels"] != -100
+        original, inputs = raw["input_ids"][chosen], batch["input_ids"][chosen]
+        selected += chosen.sum().item()
+        masked += (inputs == tokenizer.mask_token_id).sum().item()
+        kept += (inputs == original).sum().item()
+    return selected, masked / selected, (selected - masked - kept) / selected, kept / selected
+
+
+@pytest.mark.parametrize("mask_prob, random_prob", [(0.8, 0.1), (0.5, 0.5), (0.85, 0.0)])
+def test_whole_word_masking_keeps_the_replacement_split(tokenizer, tmp_path, corpus_dir, mask_prob, random_prob):
+    """BERT's whole-word masking still gives 80/10/10 (or the recipe's shares) of the selected
+    pieces; transformers alone would make every one [MASK]."""
+    options = dict(whole_word_mask=True, mask_replace_prob=mask_prob, random_replace_prob=random_prob)
+    batches = _mask_batches(tokenizer, tmp_path, corpus_dir, n_batches=15, **options)
+    selected, masked, random, kept = _shares(batches, tokenizer)
+    assert selected > 3000
+    # A random replacement can draw the original token: "kept" slightly above its share, "random" below.
+    assert masked == pytest.approx(mask_prob, abs=0.025)
+    assert random == pytest.approx(random_prob, abs=0.025)
+    assert kept == pytest.approx(1 - mask_prob - random_prob, abs=0.025)
+    for raw, batch in batches:  # ... and the selection is still of whole words
+        assert torch.equal(*_continuation_pieces_and_their_predecessors(raw, batch, tokenizer))
+
+
+def test_fixed_count_masks_exactly_round_p_times_length(tokenizer, tmp_path, corpus_dir):
+    # blocks of 64: round(0.15 * 64) = 10 predictions each, or the cap
+    for cap, expected in ((None, 10), (7, 7)):
+        batches = _mask_batches(
+            tokenizer, tmp_path, corpus_dir, n_batches=3, masking="fixed_count", max_predictions=cap
+        )
+        for raw, batch in batches:
+            chosen = batch["labels"] != -100
+            assert (chosen.sum(1) == expected).all()
+            assert not (chosen & _special_at(raw, tokenizer)).any()
+    selected, masked, random, kept = _shares(
+        _mask_batches(tokenizer, tmp_path, corpus_dir, n_batches=20, masking="fixed_count"), tokenizer
+    )
+    assert masked == pytest.approx(0.8, abs=0.03) and kept == pytest.approx(0.1, abs=0.03)
+
+
+@pytest.mark.parametrize(
+    "masking, cap, budget", [("fixed_count", None, 10), ("fixed_count", 5, 5), ("bernoulli", 6, 6)]
+)
+def test_whole_words_never_exceed_the_budget(tokenizer, tmp_path, corpus_dir, masking, cap, budget):
+    """Budgets count pieces: words are taken whole while they fit (blocks of 64: round(0.15 x 64) = 10)."""
+    options = dict(whole_word_mask=True, masking=masking, max_predictions=cap)
+    counts = []
+    for raw, batch in _mask_batches(tokenizer, tmp_path, corpus_dir, n_batches=5, **options):
+        assert torch.equal(*_continuation_pieces_and_their_predecessors(raw, batch, tokenizer))
+        counts += (batch["labels"] != -100).sum(1).tolist()
+    assert max(counts) == budget and min(counts) >= 1
+    if masking == "fixed_count":  # a word is skipped only when it would overflow: the budget is nearly always met
+        assert sum(counts) / len(counts) > 0.95 * budget
+
+
+def test_the_cap_keeps_a_random_subset_of_the_bernoulli_selection(tokenizer, tmp_path, corpus_dir):
+    free = _mask_batches(tokenizer, tmp_path, corpus_dir, n_batches=4, mlm_probability=0.3)
+    capped = _mask_batches(tokenizer, tmp_path, corpus_dir, n_batches=4, mlm_probability=0.3, max_predictions=12)
+    over = 0
+    for (raw, a), (_, b) in zip(free, capped):
+        was, now = a["labels"] != -100, b["labels"] != -100
+        assert not (now & ~was).any()  # a subset of the uncapped selection, replaced the same way
+        assert torch.equal(b["input_ids"][now], a["input_ids"][now])
+        assert torch.equal(b["input_ids"][~now], raw["input_ids"][~now])  # dropped positions restored
+        assert torch.equal(now.sum(1), was.sum(1).clamp(max=12))
+        over += (was.sum(1) > 12).sum().item()
+    assert over > 10  # the cap did bite (0.3 x 63 maskable pieces is about 19 per block)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"masking": "fixed_count"},
+        {"whole_word_mask": True, "max_predictions": 6},
+        {"whole_word_mask": True, "masking": "fixed_count"},
+    ],
+)
+def test_every_masking_option_depends_only_on_seed_epoch_and_example(tokenizer, tmp_path, corpus_dir, options):
+    raw, batch = _mask_batches(tokenizer, tmp_path, corpus_dir, n_batches=1, **options)[0]
+    collator = MaskedLMCollator(tokenizer, seed=3, **options)
+    rev = collator({k: v.flip(0) for k, v in raw.items()})
+    assert torch.equal(rev["labels"].flip(0), batch["labels"])
+    assert torch.equal(rev["input_ids"].flip(0), batch["input_ids"])
+    collator.epoch = 1
+    assert not torch.equal(collator(raw)["labels"], batch["labels"])
+
+
+def _special_at(raw, tokenizer):
+    return torch.isin(raw["input_ids"], torch.tensor(tokenizer.all_special_ids))
 
 
 def test_sampler_splits_global_batches_identically_across_processes():

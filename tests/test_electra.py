@@ -95,6 +95,19 @@ def test_masking_follows_electra(tmp_path, corpus_dir, tokenizer, blocks):
     assert out["sample_seed"].shape == (ids.shape[0],)
 
 
+def test_electra_fixed_count_masking_keeps_its_split(tmp_path, corpus_dir, tokenizer, blocks):
+    """ELECTRA's own count (round(0.15 x 32) = 5 per block, here capped at 4), and its 85% [MASK] /
+    15% kept, through the recipe's objective options."""
+    objective = make_objective(tmp_path, corpus_dir, tokenizer, masking="fixed_count", max_predictions_per_seq=4)
+    batch = blocks.__getitems__(list(range(min(len(blocks), 256))))
+    out = objective.make_collator(tokenizer, seed=0)(batch)
+    ids, selected = batch["input_ids"], out["labels"] != -100
+    assert (selected.sum(1) == 4).all()
+    as_mask = out["input_ids"][selected] == tokenizer.mask_token_id
+    assert as_mask.float().mean() == pytest.approx(0.85, abs=0.04)
+    assert torch.equal(out["input_ids"][selected][~as_mask], ids[selected][~as_mask])  # none random
+
+
 def test_gumbel_max_samples_the_softmax_per_example_seed():
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0]).repeat(20000, 1)
     samples = gumbel_max(logits, torch.tensor([20000]), torch.tensor([7]))

@@ -332,3 +332,22 @@ def test_whole_word_masking_on_pairs(corpus_dir, tokenizer):
     continuation = selected & (batch["word_start"] == 0) & ~special.roll(1, dims=1)
     assert continuation.any()
     assert selected.roll(1, dims=1)[continuation].all()
+
+
+def test_fixed_count_masking_on_pairs_counts_tokens_but_padding(corpus_dir, tokenizer):
+    from toolkit.data.collators import MaskedLMCollator, PairCollator
+
+    p = prepare_pairs(_data(corpus_dir), tokenizer, seed=0, word_starts=True)
+    batch = p.train.__getitems__(list(range(64)))
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths.min() < lengths.max()  # pairs of several lengths, padded
+    for cap in (None, 8):
+        masker = MaskedLMCollator(tokenizer, masking="fixed_count", max_predictions=cap, whole_word_mask=cap is None)
+        selected = PairCollator(masker)(batch)["labels"] != -100
+        # BERT and ELECTRA: min(cap, max(1, round(p x tokens))), [CLS] and [SEP] counted, padding not
+        budget = torch.tensor([max(1, round(0.15 * n)) for n in lengths.tolist()]).clamp(max=cap or 10**9)
+        if cap is None:  # whole words: never over the budget, and it is nearly always met
+            assert (selected.sum(1) <= budget).all() and (selected.sum(1) >= budget - 2).all()
+        else:
+            assert torch.equal(selected.sum(1), budget)
+        assert not (selected & (batch["attention_mask"] == 0)).any()

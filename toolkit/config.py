@@ -200,7 +200,23 @@ class ObjectiveArgs:
         "Share of selected tokens replaced by a random token; unset: the objective's own (0.1 for BERT, 0 for rtd).",
         default=None,
     )
-    whole_word_mask: bool = help_field("Mask whole words rather than single word pieces.", default=False)
+    whole_word_mask: bool = help_field(
+        "Select whole words rather than single word pieces (all pieces of a selected word are predicted; "
+        "each piece still gets the [MASK] / random / kept split, as BERT's whole-word masking).",
+        default=False,
+    )
+    masking: str = help_field(
+        "How many tokens are selected: bernoulli (each token, or word, with probability mlm_probability, "
+        "so the count varies) or fixed_count (exactly round(mlm_probability x sequence length, padding "
+        "excluded) tokens, at least 1, as BERT's and ELECTRA's data code; whole words are taken while "
+        "their pieces fit that count).",
+        default="bernoulli",
+    )
+    max_predictions_per_seq: int | None = help_field(
+        "At most this many selected tokens per sequence (BERT: 20 at length 128, 80 at 512); with "
+        "bernoulli a random subset of the selection (of whole words, never overflowing) is kept; unset: no cap.",
+        default=None,
+    )
     # next-sentence prediction (nsp, mlm+nsp)
     short_seq_prob: float = help_field(
         "NSP: share of sentence pairs filled to a random shorter length instead of data.max_seq_length (BERT: 0.1).",
@@ -234,6 +250,7 @@ class PretrainRecipe:
 
     def validate(self) -> None:
         """Cross-field rules, checked before any data is read."""
+        from toolkit.data.collators import MASKING
         from toolkit.models import ARCHITECTURES, SIZES
         from toolkit.objectives import OBJECTIVES
 
@@ -258,6 +275,12 @@ class PretrainRecipe:
             raise ToolkitError(f"tokenizer.vocab_size={self.tokenizer.vocab_size} is too small: use at least 100")
         if not 0 < o.mlm_probability < 1:
             raise ToolkitError(f"objective.mlm_probability={o.mlm_probability} must be between 0 and 1")
+        check_choice("objective.masking", o.masking, MASKING)
+        if o.max_predictions_per_seq is not None and o.max_predictions_per_seq < 1:
+            raise ToolkitError(
+                f"objective.max_predictions_per_seq={o.max_predictions_per_seq} must be at least 1 "
+                "(BERT: 20 for sequences of 128), or unset for no cap"
+            )
         mask_prob, random_prob = OBJECTIVES[o.name].replacement_probs(o)
         if mask_prob < 0 or random_prob < 0 or mask_prob + random_prob > 1:
             raise ToolkitError(
@@ -504,7 +527,7 @@ def help_text(cls, prefix: str = "") -> list[tuple[str, str, Any]]:
     return rows
 
 
-def recipe_help(cls) -> str:
+def recipehelp_field(cls) -> str:
     """The recipe reference a command prints for `--help-recipe`: every key, its default and its help,
     grouped by section under the section's own description."""
     import textwrap

@@ -83,6 +83,22 @@ class Objective(nn.Module):
             random if args.random_replace_prob is None else args.random_replace_prob,
         )
 
+    def masking_collator(self, collator_class, tokenizer, seed: int, salt: str = "train"):
+        """A masked-LM collator (`MaskedLMCollator` or a subclass) with this recipe's masking options."""
+        a = self.args
+        mask_prob, random_prob = self.replacement_probs(a)
+        return collator_class(
+            tokenizer,
+            a.mlm_probability,
+            mask_prob,
+            random_prob,
+            a.whole_word_mask,
+            seed,
+            salt,
+            masking=a.masking,
+            max_predictions=a.max_predictions_per_seq,
+        )
+
     # ---- data ---------------------------------------------------------------------------------
     @classmethod
     def check_documents(cls, recipe, train_docs, validation_docs) -> None:

@@ -10,8 +10,9 @@ Two networks train together from step 0, in one forward and with one optimizer:
 They share one embeddings module (word, position and token-type embeddings and their layer norm:
 the same tensors, not copies), and the generator's output layer is tied to the word embeddings.
 
-Masking as ELECTRA: 15% of tokens selected (special tokens and padding never), 85% of those become
-[MASK] and 15% stay as they are, none random. The replacements are drawn by Gumbel-max at
+Masking as ELECTRA: 15% of tokens selected (special tokens and padding never; ELECTRA's exact
+count, round(0.15 x length), with `objective.masking=fixed_count`), 85% of those become [MASK] and
+15% stay as they are, none random. The replacements are drawn by Gumbel-max at
 temperature 1 in fp32 from the generator's logits. They are token ids, so no gradient flows from
 the discriminator into the generator through them (the shared embeddings do get gradients from
 both losses, as in ELECTRA). A sample equal to the original token counts as original.
@@ -168,11 +169,7 @@ class ReplacedTokenDetection(Objective):
         return cls(discriminator, recipe.objective, generator, tokenizer)
 
     def make_collator(self, tokenizer, seed: int, salt: str = "train"):
-        a = self.args
-        mask_prob, random_prob = self.replacement_probs(a)
-        return ReplacedTokenCollator(
-            tokenizer, a.mlm_probability, mask_prob, random_prob, a.whole_word_mask, seed, salt
-        )
+        return self.masking_collator(ReplacedTokenCollator, tokenizer, seed, salt)
 
     @classmethod
     def needs_word_starts(cls, args) -> bool:

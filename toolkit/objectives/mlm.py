@@ -60,9 +60,7 @@ class MaskedLM(Objective):
         return args.whole_word_mask
 
     def make_collator(self, tokenizer, seed: int, salt: str = "train"):
-        a = self.args
-        mask_prob, random_prob = self.replacement_probs(a)
-        return MaskedLMCollator(tokenizer, a.mlm_probability, mask_prob, random_prob, a.whole_word_mask, seed, salt)
+        return self.masking_collator(MaskedLMCollator, tokenizer, seed, salt)
 
     def counts(self, batch):
         return {"mlm": (batch["labels"] != -100).sum()}

@@ -95,13 +95,7 @@ class NextSentencePrediction(Objective):
         return hf_dataset  # already a torch Dataset of pairs (toolkit.data.pairs.SentencePairs)
 
     def make_collator(self, tokenizer, seed: int, salt: str = "train"):
-        masker = None
-        if self.with_mlm:
-            a = self.args
-            mask_prob, random_prob = self.replacement_probs(a)
-            masker = MaskedLMCollator(
-                tokenizer, a.mlm_probability, mask_prob, random_prob, a.whole_word_mask, seed, salt
-            )
+        masker = self.masking_collator(MaskedLMCollator, tokenizer, seed, salt) if self.with_mlm else None
         return PairCollator(masker)
 
     # ---- the step -----------------------------------------------------------------------------
