@@ -63,7 +63,7 @@ class TrainingArgs:
     adam_epsilon: float = _help("AdamW epsilon.", default=1e-8)
     max_grad_norm: float = _help("Gradient clipping norm; 0 disables clipping.", default=1.0)
     optimizer: str = _help(
-        "Optimizer: adamw (torch, fused), lamb (torch_optimizer.Lamb) or adamw_8bit (bitsandbytes). "
+        "Optimizer: adamw (torch, fused), lamb (pytorch_optimizer.Lamb) or adamw_8bit (bitsandbytes). "
         "A DeepSpeed config with an optimizer section of the same algorithm runs DeepSpeed's implementation.",
         default="adamw",
     )
