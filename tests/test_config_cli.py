@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -37,8 +38,21 @@ def test_every_shipped_recipe_parses_and_validates(path):
 
 
 def test_recipe_folder_is_walked_recursively():
-    files = recipe_files()
-    assert {"bert-mlm.yaml", "gpt-clm.yaml"} <= {p.name for p in files}
+    """The walk that parametrises the test above finds every recipe file at every depth, compared with a
+    listing of the folder made here: a top-level glob would miss the launch configs in recipes/accelerate/
+    and the DeepSpeed files in recipes/accelerate/deepspeed/."""
+    root = REPO / "recipes"
+    listed = sorted(
+        Path(folder) / name
+        for folder, _, names in os.walk(root)
+        for name in names
+        if name.endswith((".yaml", ".yml", ".json"))
+    )
+    walked = recipe_files()
+    assert walked == listed
+    relative = {p.relative_to(root).as_posix() for p in walked}
+    assert {"bert-mlm.yaml", "accelerate/multi-cpu.yaml", "accelerate/deepspeed/zero3.json"} <= relative
+    assert {len(p.relative_to(root).parts) for p in walked} == {1, 2, 3}
 
 
 def test_overrides_are_parsed_as_yaml_and_win_over_the_file():
