@@ -11,6 +11,7 @@ import pytest
 import yaml
 from conftest import REPO, run_cli, tiny_bert_recipe
 
+from toolkit.cli import main as cli_main
 from toolkit.config import PretrainRecipe, all_keys, load_recipe, parse_overrides
 from toolkit.errors import ToolkitError
 
@@ -88,6 +89,44 @@ def test_overrides_are_parsed_as_yaml_and_win_over_the_file():
 def test_bad_recipe_values_fail_with_a_clear_message(override, message):
     with pytest.raises(ToolkitError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_recipe(PretrainRecipe, REPO / "recipes" / "bert-mlm.yaml", [override])
+
+
+def test_yaml_booleans_in_text_fields_read_as_the_word_typed(tmp_path, capsys):
+    """YAML 1.1 reads an unquoted `no`/`off` as false and `yes`/`on` as true: `training.mixed_precision=no`
+    (accelerate's spelling) works on the command line and in a file, and a choice that has no such word
+    still gets its own clear error rather than a type error."""
+
+    def dry_run(*args) -> tuple[int, dict | None, str]:
+        code = cli_main(["pretrain", *args, "--dry-run"])
+        out, err = capsys.readouterr()
+        return code, yaml.safe_load(out) if code == 0 else None, err
+
+    bert_mlm = REPO / "recipes" / "bert-mlm.yaml"
+    for typed in ("no", "off", "NO"):
+        code, resolved, err = dry_run(
+            str(bert_mlm), "training.mixed_precision=bf16", f"training.mixed_precision={typed}"
+        )
+        assert code == 0, err
+        assert resolved["training"]["mixed_precision"] == "no"
+
+    text = bert_mlm.read_text()
+    assert '  mixed_precision: "no"' in text
+    unquoted = tmp_path / "unquoted.yaml"
+    unquoted.write_text(text.replace('  mixed_precision: "no"', "  mixed_precision: no"))
+    assert yaml.safe_load(unquoted.read_text())["training"]["mixed_precision"] is False  # what YAML itself reads
+    code, resolved, err = dry_run(str(unquoted))
+    assert code == 0, err
+    assert resolved["training"]["mixed_precision"] == "no"
+
+    code, _, err = dry_run(str(bert_mlm), "training.mixed_precision=yes")
+    assert code == 2 and "error: unknown training.mixed_precision 'yes'" in err
+    code, _, err = dry_run(str(bert_mlm), "tokenizer.kind=off")  # a `str | None` field
+    assert code == 2 and "error: unknown tokenizer.kind 'no'" in err
+    code = cli_main(["finetune", str(REPO / "recipes" / "finetune-full.yaml"), "finetune.mode=no", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: unknown finetune.mode 'no'" in err and "must be of type" not in err
+    # boolean fields stay booleans
+    assert load_recipe(PretrainRecipe, bert_mlm, ["training.eval_on_start=no"]).training.eval_on_start is False
 
 
 def test_help_is_instant_and_documents_commands():

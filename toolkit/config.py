@@ -387,6 +387,13 @@ def all_keys(cls, prefix: str = "") -> list[str]:
     return out
 
 
+def _yaml_bool_as_text(value: bool) -> str:
+    """YAML 1.1 reads unquoted no/off/false as False and yes/on/true as True. Given to a text
+    field, a boolean is such a misreading (accelerate spells `mixed_precision=no`): hand back the
+    spelling most likely typed, and let the field's own rule (`_choice` in validate) judge it."""
+    return "yes" if value else "no"
+
+
 def _check_type(key: str, value: Any, typ) -> Any:
     origin = typing.get_origin(typ)
     if origin in (typing.Union, types.UnionType):
@@ -420,6 +427,8 @@ def _check_type(key: str, value: Any, typ) -> Any:
         raise ToolkitError(f"'{key}' must be true or false, got {value!r}")
     if base is int and isinstance(value, bool):
         raise ToolkitError(f"'{key}' must be an integer, got {value!r}")
+    if base is str and isinstance(value, bool):
+        return _yaml_bool_as_text(value)
     if not isinstance(value, base):
         raise ToolkitError(f"'{key}' must be of type {base.__name__}, got {value!r}")
     return value
