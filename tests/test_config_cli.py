@@ -84,6 +84,7 @@ def test_overrides_are_parsed_as_yaml_and_win_over_the_file():
         ("objective.mlm_probability=1.5", "between 0 and 1"),
         ("model.size=huge", "unknown model.size"),
         ("data.train_files=[]", "data.train_files is empty"),
+        ("training.max_eval_batches=0", "training.max_eval_batches must be at least 1, or null"),
     ],
 )
 def test_bad_recipe_values_fail_with_a_clear_message(override, message):

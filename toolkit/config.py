@@ -87,7 +87,11 @@ class TrainingArgs:
     logging_steps: int = _help("Log training metrics every N optimizer steps.", default=10)
     eval_steps: int = _help("Evaluate every N steps; 0 evaluates only at the end.", default=0)
     eval_on_start: bool = _help("Evaluate once before training (the 'before' numbers).", default=True)
-    max_eval_batches: int | None = _help("Cap on evaluation batches per process (None: all).", default=None)
+    max_eval_batches: int | None = _help(
+        "Evaluate only the first max_eval_batches x per_device_eval_batch_size examples of the validation set, "
+        "shared out over the processes: the same examples, and figures, with any number of processes (None: all).",
+        default=None,
+    )
     save_steps: int = _help("Checkpoint every N steps; 0 saves only the final checkpoint.", default=0)
     save_total_limit: int = _help("Checkpoints kept under output_dir/checkpoints (newest).", default=2)
     resume_from_checkpoint: str | None = _help(
@@ -126,6 +130,11 @@ class TrainingArgs:
             )
         if self.logging_steps == 0:
             raise ToolkitError("training.logging_steps must be at least 1")
+        if self.max_eval_batches is not None and self.max_eval_batches < 1:
+            raise ToolkitError(
+                f"training.max_eval_batches must be at least 1, or null for the whole validation set "
+                f"(got {self.max_eval_batches})"
+            )
         if self.save_total_limit < 1:
             raise ToolkitError(
                 "training.save_total_limit must be at least 1 (the newest checkpoint is needed to resume)"
