@@ -13,7 +13,7 @@ from toolkit.config import DataArgs
 from toolkit.data import blocks as block_data
 from toolkit.data.collators import MaskedLMCollator
 from toolkit.data.corpus import expand, load_documents
-from toolkit.data.loader import BlockDataset, GlobalBatchSampler
+from toolkit.data.loader import BlockDataset, GlobalBatchSampler, ShardSampler
 from toolkit.errors import ToolkitError
 from toolkit.tokenizer import load_tokenizer
 
@@ -260,6 +260,43 @@ def test_sampler_splits_global_batches_identically_across_processes():
     resumed = GlobalBatchSampler(100, 8, seed=5)
     resumed.set_epoch(0, start=3)
     assert list(resumed) == one[3:]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_capped_evaluation_is_one_global_set_whatever_the_number_of_processes(world):
+    """max_eval_batches=3 of batch 4 evaluates examples 0-11 in all: with 1, 2 or 3 processes the shards
+    are disjoint, cover exactly that set, and keep to the batch size; without a cap, everything."""
+    shards = [list(ShardSampler(50, 4, world, rank, limit=3 * 4)) for rank in range(world)]
+    taken = [i for shard in shards for batch in shard for i in batch]
+    assert sorted(taken) == list(range(12)) and len(set(taken)) == len(taken)
+    assert all(0 < len(batch) <= 4 for shard in shards for batch in shard)
+    assert [i for batch in shards[world - 1] for i in batch] == list(range(world - 1, 12, world))  # i on i % world
+    whole = [i for rank in range(world) for batch in ShardSampler(50, 4, world, rank) for i in batch]
+    assert sorted(whole) == list(range(50))
+    beyond = [i for rank in range(world) for batch in ShardSampler(10, 4, world, rank, limit=40) for i in batch]
+    assert sorted(beyond) == list(range(10))
+
+
+def test_eval_loader_caps_the_global_set_and_refuses_a_process_with_nothing(tmp_path):
+    from types import SimpleNamespace
+
+    from toolkit.config import TrainingArgs
+    from toolkit.engine.loop import Job, eval_loader
+
+    objective = SimpleNamespace(make_collator=lambda *a, **k: None, make_dataset=lambda data, split: data)
+    job = Job(objective, None, None, list(range(40)), TrainingArgs(per_device_eval_batch_size=3), tmp_path)
+
+    def shard(world, rank, max_batches):
+        accelerator = SimpleNamespace(num_processes=world, process_index=rank)
+        return list(eval_loader(job, accelerator, 0, max_batches).batch_sampler)
+
+    assert shard(1, 0, 2) == [[0, 1, 2], [3, 4, 5]]  # 2 batches of 3, as before on one process
+    assert shard(2, 0, 2) == [[0, 2, 4]] and shard(2, 1, 2) == [[1, 3, 5]]  # the same 6 examples, shared
+    assert [i for b in shard(2, 0, None) + shard(2, 1, None) for i in b] == list(range(0, 40, 2)) + list(
+        range(1, 40, 2)
+    )
+    with pytest.raises(ToolkitError, match="evaluation set has 3 examples, fewer than the 4 processes"):
+        shard(4, 0, 1)
 
 
 def test_corpus_too_small_for_one_block(tmp_path, tokenizer):

@@ -65,7 +65,7 @@ class TrainingArgs:
     adam_epsilon: float = help_field("AdamW epsilon.", default=1e-8)
     max_grad_norm: float = help_field("Gradient clipping norm; 0 disables clipping.", default=1.0)
     optimizer: str = help_field(
-        "Optimizer: adamw (torch, fused), lamb (torch_optimizer.Lamb) or adamw_8bit (bitsandbytes). "
+        "Optimizer: adamw (torch, fused), lamb (pytorch_optimizer.Lamb) or adamw_8bit (bitsandbytes). "
         "A DeepSpeed config with an optimizer section of the same algorithm runs DeepSpeed's implementation.",
         default="adamw",
     )
@@ -89,7 +89,11 @@ class TrainingArgs:
     logging_steps: int = help_field("Log training metrics every N optimizer steps.", default=10)
     eval_steps: int = help_field("Evaluate every N steps; 0 evaluates only at the end.", default=0)
     eval_on_start: bool = help_field("Evaluate once before training (the 'before' numbers).", default=True)
-    max_eval_batches: int | None = help_field("Cap on evaluation batches per process (None: all).", default=None)
+    max_eval_batches: int | None = help_field(
+        "Evaluate only the first max_eval_batches x per_device_eval_batch_size examples of the validation set, "
+        "shared out over the processes: the same examples, and figures, with any number of processes (None: all).",
+        default=None,
+    )
     save_steps: int = help_field("Checkpoint every N steps; 0 saves only the final checkpoint.", default=0)
     save_total_limit: int = help_field("Checkpoints kept under output_dir/checkpoints (newest).", default=2)
     resume_from_checkpoint: str | None = help_field(
@@ -128,6 +132,11 @@ class TrainingArgs:
             )
         if self.logging_steps == 0:
             raise ToolkitError("training.logging_steps must be at least 1")
+        if self.max_eval_batches is not None and self.max_eval_batches < 1:
+            raise ToolkitError(
+                f"training.max_eval_batches must be at least 1, or null for the whole validation set "
+                f"(got {self.max_eval_batches})"
+            )
         if self.save_total_limit < 1:
             raise ToolkitError(
                 "training.save_total_limit must be at least 1 (the newest checkpoint is needed to resume)"
@@ -405,6 +414,13 @@ def all_keys(cls, prefix: str = "") -> list[str]:
     return out
 
 
+def _yaml_bool_as_text(value: bool) -> str:
+    """YAML 1.1 reads unquoted no/off/false as False and yes/on/true as True. Given to a text
+    field, a boolean is such a misreading (accelerate spells `mixed_precision=no`): hand back the
+    spelling most likely typed, and let the field's own rule (`_choice` in validate) judge it."""
+    return "yes" if value else "no"
+
+
 def _check_type(key: str, value: Any, typ) -> Any:
     origin = typing.get_origin(typ)
     if origin in (typing.Union, types.UnionType):
@@ -438,6 +454,8 @@ def _check_type(key: str, value: Any, typ) -> Any:
         raise ToolkitError(f"'{key}' must be true or false, got {value!r}")
     if base is int and isinstance(value, bool):
         raise ToolkitError(f"'{key}' must be an integer, got {value!r}")
+    if base is str and isinstance(value, bool):
+        return _yaml_bool_as_text(value)
     if not isinstance(value, base):
         raise ToolkitError(f"'{key}' must be of type {base.__name__}, got {value!r}")
     return value

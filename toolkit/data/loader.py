@@ -73,10 +73,13 @@ class GlobalBatchSampler:
 
 
 class ShardSampler:
-    """Evaluation: every example exactly once, example i on process i % world_size, in order."""
+    """Evaluation: every example exactly once, example i on process i % world_size, in order.
 
-    def __init__(self, n: int, batch_size: int, world_size: int = 1, rank: int = 0):
-        self.indices = list(range(rank, n, world_size))
+    `limit` keeps the first `limit` examples (all when None) *before* they are split, so a capped
+    evaluation covers the same examples however many processes share it."""
+
+    def __init__(self, n: int, batch_size: int, world_size: int = 1, rank: int = 0, limit: int | None = None):
+        self.indices = list(range(rank, n if limit is None else min(n, limit), world_size))
         self.batch_size = batch_size
 
     def __len__(self) -> int:
