@@ -37,7 +37,11 @@ class ModelArgs:
     """Which model to train: built from a size preset, or continued from a checkpoint folder."""
 
     architecture: str = _help("Model family built from scratch: bert, gpt2 or electra.", default="bert")
-    size: str = _help("Size preset (BERT family dimensions): tiny, mini, small, medium, base, large.", default="mini")
+    size: str = _help(
+        "Size preset: tiny, mini, small, medium, base, large (BERT family dimensions; for electra, small, base and "
+        "large are ELECTRA-Small, -Base and -Large).",
+        default="mini",
+    )
     model_name_or_path: str | None = _help(
         "A local Hugging Face checkpoint folder to continue from instead of a fresh model.", default=None
     )
@@ -171,6 +175,11 @@ class DataArgs:
         "Percent of documents held out for validation when validation_files is empty.", default=5.0
     )
     max_seq_length: int = _help("Tokens per packed block (special tokens included).", default=128)
+    segments: int = _help(
+        "Encoder blocks (mlm, rtd): 2 splits each block at a sentence boundary into [CLS] A [SEP] B [SEP] with "
+        "token types 0 and 1, as ELECTRA's data builder does; 1 packs [CLS] and one run of text.",
+        default=2,
+    )
     text_field: str = _help("Column holding the text in .jsonl/.json/.csv/.parquet files.", default="text")
     document_boundary: str = _help(
         "How plain-text files split into documents: blank_line, line or file.", default="blank_line"
@@ -189,7 +198,9 @@ class ObjectiveArgs:
     prediction, with or without masked LM), or rtd (ELECTRA's replaced-token detection)."""
 
     name: str = _help("Pretraining objective: mlm, clm, mlm+nsp, nsp or rtd.", default="mlm")
-    mlm_probability: float = _help("Share of tokens selected for masking.", default=0.15)
+    mlm_probability: float | None = _help(
+        "Share of tokens selected for masking; unset: 0.15 (ELECTRA-Large with rtd: 0.25).", default=None
+    )
     mask_replace_prob: float | None = _help(
         "Share of selected tokens replaced by [MASK]; unset: the objective's own (0.8 for BERT, 0.85 for rtd).",
         default=None,
@@ -209,9 +220,10 @@ class ObjectiveArgs:
         default="dynamic",
     )
     # replaced-token detection (rtd, ELECTRA)
-    generator_hidden_fraction: float = _help(
-        "rtd: generator hidden size as a fraction of the discriminator's (ELECTRA: 1/4; heads = hidden / 64).",
-        default=0.25,
+    generator_hidden_fraction: float | None = _help(
+        "rtd: generator hidden size as a fraction of the discriminator's (heads = hidden / 64, same depth); "
+        "unset: ELECTRA's for the size (1/3 for base, 1/4 otherwise).",
+        default=None,
     )
     discriminator_weight: float = _help(
         "rtd: weight of the discriminator loss against the generator's masked-LM loss (ELECTRA: 50).",
@@ -246,6 +258,7 @@ class PretrainRecipe:
                 "data.train_files is empty: give at least one text file, e.g. data.train_files=[corpus.txt]"
             )
         _choice("data.document_boundary", d.document_boundary, ("blank_line", "line", "file"))
+        _choice("data.segments", d.segments, (1, 2))
         if d.max_seq_length < 8:
             raise ToolkitError(f"data.max_seq_length={d.max_seq_length} is too short: use at least 8")
         if not d.validation_files and not 0 <= d.validation_split_percentage < 50:
@@ -254,7 +267,7 @@ class PretrainRecipe:
             _choice("tokenizer.kind", self.tokenizer.kind, ("wordpiece", "bpe"))
         if self.tokenizer.vocab_size < 100:
             raise ToolkitError(f"tokenizer.vocab_size={self.tokenizer.vocab_size} is too small: use at least 100")
-        if not 0 < o.mlm_probability < 1:
+        if o.mlm_probability is not None and not 0 < o.mlm_probability < 1:
             raise ToolkitError(f"objective.mlm_probability={o.mlm_probability} must be between 0 and 1")
         mask_prob, random_prob = OBJECTIVES[o.name].replacement_probs(o)
         if mask_prob < 0 or random_prob < 0 or mask_prob + random_prob > 1:

@@ -55,7 +55,8 @@ class MaskedLMCollator:
                 special_tokens_mask=special[row : row + 1],
                 offset_mapping=None if offsets is None else offsets[row : row + 1],
             )
-        return {"input_ids": inputs, "labels": labels}
+        out = {k: batch[k] for k in ("token_type_ids", "attention_mask") if k in batch}  # two-segment blocks
+        return {**out, "input_ids": inputs, "labels": labels}
 
 
 def _offsets_from_word_starts(word_start: torch.Tensor):

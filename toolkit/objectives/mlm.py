@@ -54,6 +54,7 @@ class MaskedLM(Objective):
     architectures = ("bert",)
     auto_class = "AutoModelForMaskedLM"
     loss_weights = {"mlm": 1.0}
+    two_segments = True
 
     @classmethod
     def needs_word_starts(cls, args) -> bool:
@@ -62,13 +63,17 @@ class MaskedLM(Objective):
     def make_collator(self, tokenizer, seed: int, salt: str = "train"):
         a = self.args
         mask_prob, random_prob = self.replacement_probs(a)
-        return MaskedLMCollator(tokenizer, a.mlm_probability, mask_prob, random_prob, a.whole_word_mask, seed, salt)
+        return MaskedLMCollator(
+            tokenizer, self.mask_probability(), mask_prob, random_prob, a.whole_word_mask, seed, salt
+        )
 
     def counts(self, batch):
         return {"mlm": (batch["labels"] != -100).sum()}
 
     def forward(self, batch):
-        loss, correct = masked_lm_loss(self.model, batch["input_ids"], batch["labels"], batch.get("token_type_ids"))
+        loss, correct = masked_lm_loss(
+            self.model, batch["input_ids"], batch["labels"], batch.get("token_type_ids"), batch.get("attention_mask")
+        )
         return {"mlm": loss}, {"mlm_correct": correct}
 
     def metrics(self, totals):

@@ -101,7 +101,7 @@ class NextSentencePrediction(Objective):
             a = self.args
             mask_prob, random_prob = self.replacement_probs(a)
             masker = MaskedLMCollator(
-                tokenizer, a.mlm_probability, mask_prob, random_prob, a.whole_word_mask, seed, salt
+                tokenizer, self.mask_probability(), mask_prob, random_prob, a.whole_word_mask, seed, salt
             )
         return PairCollator(masker)
 
