@@ -203,9 +203,13 @@ def test_two_segment_blocks_train_the_second_token_type(tmp_path, corpus_dir, wo
     )
     recipe["model"] = {"model_name_or_path": str(start)}
     recipe["data"]["segments"] = segments
-    trained = toolkit.pretrain(recipe).model.bert.embeddings.token_type_embeddings.weight.detach()
+    result = toolkit.pretrain(recipe)
+    trained = result.model.bert.embeddings.token_type_embeddings.weight.detach()
     assert not torch.equal(trained[0], initial[0])  # type 0 trains either way
+    card = (result.output_dir / "README.md").read_text()
     if segments == 2:
         assert (trained[1] - initial[1]).abs().max() > 1e-3
+        assert "`[CLS] A [SEP] B [SEP]`" in card
     else:
         assert torch.equal(trained[1], initial[1])
+        assert "[SEP] B" not in card
