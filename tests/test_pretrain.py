@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_cli, tiny_bert_recipe, tiny_gpt_recipe
+from conftest import TINY_MODEL, run_cli, tiny_bert_recipe, tiny_gpt_recipe
 
 import toolkit
 import toolkit.errors
@@ -188,3 +188,33 @@ def test_num_train_epochs_sets_the_number_of_steps(tmp_path, corpus_dir, wordpie
         ]
     )
     assert result.metrics["steps"] == math.ceil(0.05 * (blocks // 8))
+
+
+@pytest.mark.parametrize("segments", [2, 1])
+def test_two_segment_blocks_train_the_second_token_type(tmp_path, corpus_dir, wordpiece_dir, segments):
+    """Sentence-pair fine-tuning feeds token type 1: two-segment blocks (the default) train its
+    embedding row; one-segment blocks leave it as initialised (weight decay off to see it exactly)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from toolkit.tokenizer import load_tokenizer
+
+    start = tmp_path / "start"
+    config = BertConfig(vocab_size=len(load_tokenizer(wordpiece_dir)), **TINY_MODEL)
+    torch.manual_seed(0)
+    BertForMaskedLM(config).save_pretrained(start)
+    initial = BertForMaskedLM.from_pretrained(start).bert.embeddings.token_type_embeddings.weight.detach().clone()
+    recipe = tiny_bert_recipe(
+        tmp_path / "out", corpus_dir, wordpiece_dir, max_steps=3, weight_decay=0.0, eval_on_start=False
+    )
+    recipe["model"] = {"model_name_or_path": str(start)}
+    recipe["data"]["segments"] = segments
+    result = toolkit.pretrain(recipe)
+    trained = result.model.bert.embeddings.token_type_embeddings.weight.detach()
+    assert not torch.equal(trained[0], initial[0])  # type 0 trains either way
+    card = (result.output_dir / "README.md").read_text()
+    if segments == 2:
+        assert (trained[1] - initial[1]).abs().max() > 1e-3
+        assert "`[CLS] A [SEP] B [SEP]`" in card
+    else:
+        assert torch.equal(trained[1], initial[1])
+        assert "[SEP] B" not in card

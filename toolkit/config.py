@@ -38,7 +38,9 @@ class ModelArgs:
 
     architecture: str = help_field("Model family built from scratch: bert, gpt2 or electra.", default="bert")
     size: str = help_field(
-        "Size preset (BERT family dimensions): tiny, mini, small, medium, base, large.", default="mini"
+        "Size preset: tiny, mini, small, medium, base, large (BERT family dimensions; for electra, small, base and "
+        "large are ELECTRA-Small, -Base and -Large).",
+        default="mini",
     )
     model_name_or_path: str | None = help_field(
         "A local Hugging Face checkpoint folder to continue from instead of a fresh model.", default=None
@@ -182,6 +184,11 @@ class DataArgs:
         "Percent of documents held out for validation when validation_files is empty.", default=5.0
     )
     max_seq_length: int = help_field("Tokens per packed block (special tokens included).", default=128)
+    segments: int = help_field(
+        "Encoder blocks (mlm, rtd): 2 splits each block at a sentence boundary into [CLS] A [SEP] B [SEP] with "
+        "token types 0 and 1, as ELECTRA's data builder does; 1 packs [CLS] and one run of text.",
+        default=2,
+    )
     text_field: str = help_field("Column holding the text in .jsonl/.json/.csv/.parquet files.", default="text")
     document_boundary: str = help_field(
         "How plain-text files split into documents: blank_line, line or file.", default="blank_line"
@@ -200,7 +207,9 @@ class ObjectiveArgs:
     prediction, with or without masked LM), or rtd (ELECTRA's replaced-token detection)."""
 
     name: str = help_field("Pretraining objective: mlm, clm, mlm+nsp, nsp or rtd.", default="mlm")
-    mlm_probability: float = help_field("Share of tokens selected for masking.", default=0.15)
+    mlm_probability: float | None = help_field(
+        "Share of tokens selected for masking; unset: 0.15 (ELECTRA-Large with rtd: 0.25).", default=None
+    )
     mask_replace_prob: float | None = help_field(
         "Share of selected tokens replaced by [MASK]; unset: the objective's own (0.8 for BERT, 0.85 for rtd).",
         default=None,
@@ -236,9 +245,10 @@ class ObjectiveArgs:
         default="dynamic",
     )
     # replaced-token detection (rtd, ELECTRA)
-    generator_hidden_fraction: float = help_field(
-        "rtd: generator hidden size as a fraction of the discriminator's (ELECTRA: 1/4; heads = hidden / 64).",
-        default=0.25,
+    generator_hidden_fraction: float | None = help_field(
+        "rtd: generator hidden size as a fraction of the discriminator's (heads = hidden / 64, same depth); "
+        "unset: ELECTRA's for the size (1/3 for base, 1/4 otherwise).",
+        default=None,
     )
     discriminator_weight: float = help_field(
         "rtd: weight of the discriminator loss against the generator's masked-LM loss (ELECTRA: 50).",
@@ -274,6 +284,7 @@ class PretrainRecipe:
                 "data.train_files is empty: give at least one text file, e.g. data.train_files=[corpus.txt]"
             )
         check_choice("data.document_boundary", d.document_boundary, ("blank_line", "line", "file"))
+        check_choice("data.segments", d.segments, (1, 2))
         if d.max_seq_length < 8:
             raise ToolkitError(f"data.max_seq_length={d.max_seq_length} is too short: use at least 8")
         if not d.validation_files and not 0 <= d.validation_split_percentage < 50:
@@ -282,7 +293,7 @@ class PretrainRecipe:
             check_choice("tokenizer.kind", self.tokenizer.kind, ("wordpiece", "bpe"))
         if self.tokenizer.vocab_size < 100:
             raise ToolkitError(f"tokenizer.vocab_size={self.tokenizer.vocab_size} is too small: use at least 100")
-        if not 0 < o.mlm_probability < 1:
+        if o.mlm_probability is not None and not 0 < o.mlm_probability < 1:
             raise ToolkitError(f"objective.mlm_probability={o.mlm_probability} must be between 0 and 1")
         check_choice("objective.masking", o.masking, MASKING)
         if o.max_predictions_per_seq is not None and o.max_predictions_per_seq < 1:
