@@ -556,7 +556,7 @@ def help_text(cls, prefix: str = "") -> list[tuple[str, str, Any]]:
     return rows
 
 
-def recipehelp_field(cls) -> str:
+def recipe_help(cls) -> str:
     """The recipe reference a command prints for `--help-recipe`: every key, its default and its help,
     grouped by section under the section's own description."""
     import textwrap
