@@ -188,7 +188,7 @@ def tokenize_documents(docs, tokenizer, num_proc: int | None, word_starts: bool)
         encodings = backend.encode_batch(batch["text"], add_special_tokens=False)
         out = {"input_ids": [e.ids + [sep] for e in encodings]}
         if word_starts:
-            out["word_start"] = [word_starts(e.word_ids) + [1] for e in encodings]
+            out["word_start"] = [word_start_flags(e.word_ids) + [1] for e in encodings]
         return out
 
     if num_proc is None:
@@ -203,7 +203,7 @@ def tokenize_documents(docs, tokenizer, num_proc: int | None, word_starts: bool)
     )
 
 
-def word_starts(word_ids: list) -> list[int]:
+def word_start_flags(word_ids: list) -> list[int]:
     w = np.array([-1 if i is None else i for i in word_ids], dtype=np.int64)
     starts = np.ones(len(w), dtype=np.int8)
     if len(w) > 1:
