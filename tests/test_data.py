@@ -351,7 +351,7 @@ def test_two_segment_blocks_are_cls_a_sep_b_sep_with_token_types(tokenizer, two_
 
 
 def test_two_segment_blocks_keep_every_token_in_order(tokenizer, two_segments):
-    from toolkit.data.pairs import tokenize_sentences
+    from toolkit.data.sentences import tokenize_sentences
 
     data, blocks, batch = two_segments
     docs = block_data.split_documents(data, 0, expand(data.train_files), [])[0]

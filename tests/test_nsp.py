@@ -13,7 +13,8 @@ from conftest import REPO, TINY_MODEL, run_cli, tiny_bert_recipe
 
 import toolkit
 from toolkit.config import DataArgs
-from toolkit.data.pairs import SentencePairs, piece_lengths, prepare_pairs, split_sentences, truncate_pair
+from toolkit.data.pairs import SentencePairs, prepare_pairs, truncate_pair
+from toolkit.data.sentences import piece_lengths, split_sentences
 from toolkit.engine.tracking import read_metrics
 from toolkit.errors import ToolkitError
 from toolkit.tokenizer import load_tokenizer

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.data import corpus
+from toolkit.data.sentences import word_start_flags
 from toolkit.errors import ToolkitError
 from toolkit.tokenizer import separator_id
 
@@ -127,8 +128,8 @@ def prepare_blocks(
                 continue
             out_file = tmp / f"{split}.arrow"
             if segments == 2:
-                from toolkit.data.pairs import tokenize_sentences
                 from toolkit.data.segments import pack as pack_segments
+                from toolkit.data.sentences import tokenize_sentences
 
                 sentences = tokenize_sentences(
                     docs, tokenizer, data.max_seq_length, data.preprocessing_num_workers, word_starts
@@ -201,14 +202,6 @@ def tokenize_documents(docs, tokenizer, num_proc: int | None, word_starts: bool)
         remove_columns=docs.column_names,
         desc="Tokenizing",
     )
-
-
-def word_start_flags(word_ids: list) -> list[int]:
-    w = np.array([-1 if i is None else i for i in word_ids], dtype=np.int64)
-    starts = np.ones(len(w), dtype=np.int8)
-    if len(w) > 1:
-        starts[1:] = (w[1:] != w[:-1]) | (w[1:] < 0)
-    return starts.tolist()
 
 
 def pack(tokens, tokenizer, max_seq_length: int, out_file: Path, word_starts: bool) -> dict:

@@ -5,8 +5,8 @@ never train that embedding row. So, as google-research/electra's `build_pretrain
 does, every block is split at a sentence boundary into a segment A (token type 0, with [CLS] and
 its [SEP]) and a segment B (type 1, with the final [SEP]):
 
-- sentences come from the NSP sentence splitter (`pairs.split_sentences`, tokenized in batches by
-  `pairs.tokenize_sentences`; a sentence longer than half a block is cut into pieces), and every
+- sentences come from the NSP sentence splitter (`sentences.split_sentences`, tokenized in batches by
+  `sentences.tokenize_sentences`; a sentence longer than half a block is cut into pieces), and every
   document ends with a separator, as in one-segment blocks;
 - a block is filled from the sentence stream up to its target length: `data.max_seq_length`, or
   with probability 0.05 a random length in [5, max_seq_length] (padded, ELECTRA's 5%);
@@ -88,7 +88,7 @@ def next_block(rng: random.Random, tokens: np.ndarray, ends: np.ndarray, start: 
 
 
 def document_stream(batch, sep: int, word_starts: bool):
-    """One Arrow batch of `pairs.tokenize_sentences` rows -> (tokens, word-start flags or None,
+    """One Arrow batch of `sentences.tokenize_sentences` rows -> (tokens, word-start flags or None,
     sentence end offsets), each document's separator appended to its last sentence."""
     import pyarrow.compute as pc
 
