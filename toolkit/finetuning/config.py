@@ -147,7 +147,11 @@ class FinetuneTrainingArgs(TrainingArgs):
     )
     num_train_epochs: float = _help("Epochs to train for when max_steps is -1.", default=3.0)
     warmup_ratio: float = _help("Warmup as a fraction of all steps.", default=0.1)
-    report_to: list = _help("Trackers: tensorboard, or [] for none.", default_factory=list)
+    report_to: list = _help(
+        "Trackers (accelerate's): tensorboard, mlflow, wandb, comet_ml, aim, clearml, dvclive, swanlab, trackio; "
+        "[] for none. Each needs its package installed.",
+        default_factory=list,
+    )
 
 
 @dataclass
