@@ -142,6 +142,30 @@ def test_classifier_flops_match_torch_flop_counter(mode):
     assert analytic >= measured
 
 
+@pytest.mark.parametrize("kind", ["classification", "mlm"])
+def test_distillation_flops_add_the_teachers_forward(kind):
+    import transformers as T
+
+    from toolkit.compression.config import CompressArgs
+    from toolkit.compression.distill import ClassificationDistiller, MaskedLMDistiller
+    from toolkit.config import ObjectiveArgs
+
+    small = dict(BERT, num_hidden_layers=1)
+    masked = _masked_batch()
+    if kind == "classification":
+        student = _eager(T.BertForSequenceClassification, T.BertConfig(num_labels=2, **small))
+        teacher = _eager(T.BertForSequenceClassification, T.BertConfig(num_labels=2, **BERT))
+        objective = ClassificationDistiller(student, teacher, CompressArgs(), "single_label_classification", 0)
+        ids = masked["original"]
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 0, 1])}
+    else:
+        student = _eager(T.BertForMaskedLM, T.BertConfig(**small))
+        teacher = _eager(T.BertForMaskedLM, T.BertConfig(**BERT))
+        objective = MaskedLMDistiller(student, teacher, ObjectiveArgs(), CompressArgs())
+        batch = {k: masked[k] for k in ("input_ids", "labels")}
+    assert objective.flops(batch) == pytest.approx(_measured(objective, batch), rel=1e-3)
+
+
 def test_bert_base_flops_per_token_match_the_readme_sizing():
     import transformers as T
 

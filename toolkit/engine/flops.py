@@ -30,6 +30,8 @@ What each objective runs (B sequences of S positions per micro-batch, M masked p
 | clm           | decoder and the vocabulary projection at B x S                                      |
 | classifier    | encoder at B x S (frozen base weights of PEFT modes 4x), head (pooler, classifier)  |
 |               | at B; frozen mode: the head alone, on cached features                               |
+| distillation  | the student as its objective above, plus the teacher's forward pass (2x) on the     |
+|               | same positions (classifier: all; masked LM: encoder all, head at the M)             |
 
 ELECTRA's sampling adds no forward-only work: the replacements are drawn by Gumbel-max from the
 generator logits that the generator loss already needs (`objectives/electra.py`), with no matmul.
@@ -122,6 +124,11 @@ def encoder(stack: Stack, sequences: int, length: int, keys: int | None = None) 
     return (
         dense(stack.trained, positions) + dense(stack.frozen, positions, 4) + attention(stack, sequences, length, keys)
     )
+
+
+def forward(stack: Stack, sequences: int, length: int) -> float:
+    """A forward pass of the stack alone (a distillation teacher): 2x every weight, attention 2x."""
+    return dense(stack.trained + stack.frozen, sequences * length, 2) + attention(stack, sequences, length, factor=2)
 
 
 def masked_lm(stack: Stack, head: int, sequences: int, length: int, masked: int, pooler: int = 0) -> float:
