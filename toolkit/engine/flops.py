@@ -231,8 +231,9 @@ def measured_cpu_peak(size: int = 1024, budget_s: float = 0.25) -> float:
 
 
 def device_peak(device: torch.device, override: float | None = None) -> tuple[float | None, str]:
-    """(peak FLOP/s of one device, where it comes from): `training.peak_flops`, the GPU table, or
-    a matmul probe on CPU; None for a GPU not in the table."""
+    """(peak FLOP/s of one device, where it comes from): `training.peak_flops`, the GPU table (the
+    bf16 peak whatever the run's precision: the usual MFU reference), or a matmul probe on CPU; None
+    for a GPU not in the table."""
     if override is not None:
         return override, "training.peak_flops"
     if device.type == "cuda":
