@@ -147,6 +147,7 @@ def test_recovery_keeps_pruned_weights_at_zero(tmp_path, classifier, sentiment_c
     checkpoints = sorted((recovered / "checkpoints").glob("checkpoint-*"))
     assert checkpoints and all((c / "recipe.yaml").is_file() for c in checkpoints)
     assert yaml.safe_load((recovered / "recipe.yaml").read_text())["compress"]["recovery_epochs"] == 1
+    assert (recovered / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ---- structured pruning ----------------------------------------------------------------------------

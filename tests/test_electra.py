@@ -273,6 +273,7 @@ def test_cli_rtd_lowers_its_loss_and_saves_both_networks(tmp_path, corpus_dir, w
         *tokenizer_files,
         "recipe.yaml",
         "results.json",
+        "report.png",
         "README.md",
         "metrics.jsonl",
         "checkpoints",

@@ -166,6 +166,7 @@ def test_frozen_keeps_the_encoder_bit_identical_and_reloads_with_plain_transform
     assert {"config.json", "model.safetensors", "recipe.yaml", "README.md", "results.json", "metrics.jsonl"} <= {
         p.name for p in out.iterdir()
     }
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     reloaded = AutoModelForSequenceClassification.from_pretrained(out).eval()
     batch = _batch(AutoTokenizer.from_pretrained(out), TEXTS)
     with torch.no_grad():

@@ -230,6 +230,7 @@ def test_cli_mlm_nsp_lowers_its_loss_and_loads_in_plain_transformers(tmp_path, c
         "tokenizer_config.json",
         "recipe.yaml",
         "results.json",
+        "report.png",
         "README.md",
         "metrics.jsonl",
         "checkpoints",

@@ -21,6 +21,7 @@ EXPECTED_BERT_FILES = {
     "tokenizer_config.json",
     "recipe.yaml",
     "results.json",
+    "report.png",
     "README.md",
     "metrics.jsonl",
     "checkpoints",
@@ -41,6 +42,8 @@ def test_cli_mlm_run_lowers_loss_and_saves_a_loadable_model(tmp_path, corpus_dir
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "out"
     assert {p.name for p in out.iterdir()} == EXPECTED_BERT_FILES
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "results.json").read_text())["train_flops"] > 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-30"]
 
     metrics = read_metrics(out)

@@ -54,7 +54,12 @@ def write_model_card(folder: Path, recipe, stats: dict, metrics: dict) -> None:
         "",
         "## Training",
         f"- {metrics.get('steps')} optimizer steps, {metrics.get('tokens_seen')} tokens seen, "
-        f"{metrics.get('train_seconds', 0):.0f} s on {metrics.get('world_size')} process(es)",
+        + (
+            f"{metrics['train_flops']:.3g} training FLOPs (model FLOPs, analytic), "
+            if metrics.get("train_flops")
+            else ""
+        )
+        + f"{metrics.get('train_seconds', 0):.0f} s on {metrics.get('world_size')} process(es)",
         f"- learning rate {t.learning_rate} ({t.lr_scheduler_type}), batch {t.per_device_train_batch_size} per process "
         f"x {t.gradient_accumulation_steps} accumulation, precision {t.mixed_precision}",
         "",

@@ -121,6 +121,12 @@ def _tokenizer(args) -> None:
     print(f"trained a {args.kind} tokenizer with {len(tok)} tokens on {len(docs)} documents -> {args.output}")
 
 
+def _report(args) -> None:
+    from toolkit.report import write_report
+
+    print(f"report written to {write_report(args.run_dir)}")
+
+
 def _evaluate(args) -> None:
     from toolkit.evaluation import evaluate_model
 
@@ -184,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text")
     p.add_argument("--document-boundary", choices=["blank_line", "line", "file"], default="blank_line")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser(
+        "report",
+        help="redraw report.png of a run folder",
+        description="Draw RUN_DIR/report.png (training and validation loss, learning rate, throughput and, where "
+        "logged, loss against training FLOPs) from RUN_DIR/metrics.jsonl.",
+    )
+    p.add_argument("run_dir", help="the output_dir of a pretraining, fine-tuning or compression training run")
+    p.set_defaults(func=_report)
     return parser
 
 

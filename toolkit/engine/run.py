@@ -6,7 +6,7 @@
     train                                               (`engine.loop.train`, checkpoints with recipe.yaml)
     after-training evaluation                           (`Setup.after_train`, e.g. a test split)
     gather the full state dict, wait for every process
-    publish the final folder: model, tokenizer, recipe.yaml, results.json, model card
+    publish the final folder: model, tokenizer, recipe.yaml, results.json, model card, report.png
 
 Pretraining, fine-tuning, compression (recovery fine-tuning, distillation) and the runs built on them
 all call `run()`; what differs between them is only what `setup` builds and how the model is saved.
@@ -137,9 +137,22 @@ def run(
                 built.write_card(folder, metrics)
 
         publish(out, write_final)
+        draw_report(out)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return Outcome(output_dir=out, metrics=metrics, model=objective.model, objective=objective, is_main=main)
+
+
+def draw_report(out: Path) -> Path | None:
+    """report.png of the run (loss, learning rate, throughput, FLOPs) from its metrics.jsonl; a run that
+    logged nothing to draw (no training step) says so instead."""
+    from toolkit.report import write_report
+
+    try:
+        return write_report(out)
+    except ToolkitError as e:
+        print(f"no report.png: {e}")
+        return None
 
 
 def check_output_dir(out: Path, resume: Path | None, overwrite: bool) -> None:
@@ -170,7 +183,7 @@ def publish(out: Path, write: Callable[[Path], None]) -> None:
     tmp.rmdir()
 
 
-RUN_FACTS = ("steps", "tokens_seen", "train_seconds", "world_size", "engine", "optimizer")
+RUN_FACTS = ("steps", "tokens_seen", "train_flops", "train_seconds", "world_size", "engine", "optimizer")
 RUN_FACTS += ("skipped_nonfinite_steps", "skipped_loss_scaler_steps")
 
 

@@ -118,6 +118,7 @@ def write_model_card(folder: Path, recipe, data, metrics: dict, model_dir: str) 
         f"({100 * metrics.get('trainable_share', 0):.2f}%)",
         f"- {metrics.get('steps')} optimizer steps ({metrics.get('epochs') or 0:.3g} epochs), "
         f"{metrics.get('train_seconds', 0):.0f} s of training on {metrics.get('world_size')} process(es)"
+        + (f", {metrics['train_flops']:.3g} training FLOPs" if metrics.get("train_flops") else "")
         + (f" after {metrics['feature_seconds']:.0f} s of feature encoding" if metrics.get("feature_seconds") else ""),
         f"- learning rate {t.learning_rate} ({t.lr_scheduler_type}, warmup {t.warmup_ratio if not t.warmup_steps else t.warmup_steps}), "
         f"batch {t.per_device_train_batch_size} per process x {t.gradient_accumulation_steps} accumulation, seed {t.seed}",
