@@ -110,7 +110,8 @@ class TrainingArgs:
         from toolkit.engine.optim import OPTIMIZERS, SCHEDULERS
 
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
-            raise ToolkitError("set training.max_steps > 0 or training.num_train_epochs > 0")
+            if not (getattr(self, "zero_steps_evaluate", False) and self.num_train_epochs == 0):
+                raise ToolkitError("set training.max_steps > 0 or training.num_train_epochs > 0")
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, key) < 1:
                 raise ToolkitError(f"training.{key} must be at least 1 (got {getattr(self, key)})")
