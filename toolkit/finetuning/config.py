@@ -124,8 +124,9 @@ class FinetuneArgs:
     num_virtual_tokens: int = help_field("prompt, prefix, ptuning: number of virtual tokens.", default=20)
     prompt_init: str = help_field(
         "prompt: random (normal noise, PEFT's default), vocab (embeddings of random vocabulary tokens) or text "
-        "(the embeddings of prompt_init_text's tokens, repeated to num_virtual_tokens).",
-        default="random",
+        "(the embeddings of prompt_init_text's tokens, repeated to num_virtual_tokens; the default: Lester et al. "
+        "2021 found initialising from real words, class labels included, better than random at small sizes).",
+        default="text",
     )
     prompt_init_text: str | None = help_field(
         "prompt: text whose token embeddings initialise the prompt; unset: 'Classify the text as A or B:'.",
