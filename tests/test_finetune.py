@@ -392,7 +392,7 @@ def test_prompt_text_initialisation_starts_from_the_words_embeddings(tmp_path, b
 
 def test_prefix_fix_reaches_the_attention_and_keeps_token_positions(bert_ckpt):
     """transformers 5 + PEFT prefix tuning on BERT: with the fix the prefix is attended to (it changes
-    the logits) and the real tokens keep positions 0..n-1."""
+    the logits) and the real tokens take PEFT's positions, after the 3 virtual tokens."""
     import peft
     from transformers import AutoModelForSequenceClassification
 
@@ -415,7 +415,7 @@ def test_prefix_fix_reaches_the_attention_and_keeps_token_positions(bert_ckpt):
         prefixed = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     hook.remove()
     assert not torch.allclose(prefixed, plain)
-    assert positions[0].flatten().tolist() == [0, 1, 2, 3, 4]
+    assert positions[0].flatten().tolist() == [3, 4, 5, 6, 7]
     assert support_prefix_tuning(model) is model  # idempotent
 
 

@@ -14,7 +14,7 @@ import json
 import sys
 from dataclasses import dataclass
 
-MODES = "frozen, full, prompt, prefix, ptuning, lora, qlora"
+MODES = "frozen, full, prompt, prefix, ptuning, lora, qlora, cloze"
 TASKS = "movie-sentiment, movie-rating, sms-spam"
 
 

@@ -139,7 +139,8 @@ class TrainingArgs:
                     "(max_steps=-1 with max_flops)"
                 )
         elif self.max_steps <= 0 and self.num_train_epochs <= 0:
-            raise ToolkitError("set training.max_steps > 0 or training.num_train_epochs > 0")
+            if not (getattr(self, "zero_steps_evaluate", False) and self.num_train_epochs == 0):
+                raise ToolkitError("set training.max_steps > 0 or training.num_train_epochs > 0")
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise ToolkitError(f"training.peak_flops must be positive FLOP/s (got {self.peak_flops}), e.g. 989e12")
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):

@@ -85,6 +85,8 @@ def make_accelerator(t, output_dir: Path):
 def total_steps(t, batches_per_epoch: int) -> int:
     if t.max_steps > 0:
         return t.max_steps
+    if t.num_train_epochs == 0:  # an evaluation-only run (zero-shot); the recipe class allows it or not
+        return 0
     return max(1, math.ceil(t.num_train_epochs * batches_per_epoch / t.gradient_accumulation_steps))
 
 
@@ -433,6 +435,11 @@ def train(job: Job, accelerator, resume: Path | None = None):
         if (t.save_steps and step % t.save_steps == 0) or last:
             save_checkpoint()
     bar.close()
+    if steps == 0 and evals is not None:  # nothing trained: the evaluation of the model as it came
+        if "initial" not in history:
+            history["initial"] = evaluate(model, objective, evals, accelerator, t.max_eval_batches)
+            log.log(0, {f"eval_{k}": v for k, v in history["initial"].items()})
+        history["eval"] = history["initial"]
     history.update(
         steps=step,
         tokens_seen=tokens_seen,

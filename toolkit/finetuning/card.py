@@ -54,6 +54,10 @@ def _fmt(v) -> str:
 
 def usage(recipe, path: str, example: str = "a wonderful, moving film") -> str:
     f = recipe.finetune
+    if f.mode == "cloze":
+        from toolkit.finetuning.cloze import usage as cloze_usage
+
+        return cloze_usage(recipe, path, example)
     if f.mode not in PEFT_MODES:
         remote = ", trust_remote_code=True" if f.pooling == "mean" else ""
         return LOAD_FULL.format(path=path, remote=remote, example=example)
@@ -69,6 +73,12 @@ def usage(recipe, path: str, example: str = "a wonderful, moving film") -> str:
         quant=quant,
         prefix=PREFIX if f.mode == "prefix" else "",
     )
+
+
+def _cloze_kind(recipe) -> str:
+    from toolkit.finetuning.cloze import describe
+
+    return describe(recipe)
 
 
 def write_model_card(folder: Path, recipe, data, metrics: dict, model_dir: str) -> None:
@@ -91,9 +101,11 @@ def write_model_card(folder: Path, recipe, data, metrics: dict, model_dir: str) 
         "ptuning": f"PEFT P-tuning ({f.num_virtual_tokens} virtual tokens, {f.ptuning_encoder} prompt encoder)",
         "lora": f"PEFT LoRA (r={f.lora_r}, alpha={f.lora_alpha})",
         "qlora": f"PEFT QLoRA (r={f.lora_r}, alpha={f.lora_alpha}, 4-bit {f.qlora_quant_type} base)",
-    }[f.mode]
+    }.get(f.mode) or _cloze_kind(recipe)
     artifact = (
-        "a PEFT adapter (plus the classification config); the base checkpoint is recorded in adapter_config.json"
+        "a masked LM (`AutoModelForMaskedLM`, or a LoRA adapter on its base) and prompt.json (templates, verbalizer)"
+        if f.mode == "cloze"
+        else "a PEFT adapter (plus the classification config); the base checkpoint is recorded in adapter_config.json"
         if f.mode in PEFT_MODES
         else "a complete `AutoModelForSequenceClassification` model"
         + (

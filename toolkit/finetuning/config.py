@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from toolkit.config import RECIPE_CLASSES, TrainingArgs, help_field, normalize_overrides
 from toolkit.errors import ToolkitError, check_choice
 
-MODES = ("frozen", "full", "prompt", "prefix", "ptuning", "lora", "qlora")
+MODES = ("frozen", "full", "prompt", "prefix", "ptuning", "lora", "qlora", "cloze")
 POOLING_MODES = ("frozen", "full")  # the modes that save a whole model, so may change how it pools
 PEFT_MODES = ("prompt", "prefix", "ptuning", "lora", "qlora")
 PROMPT_MODES = ("prompt", "prefix", "ptuning")
@@ -26,6 +26,7 @@ MODE_LEARNING_RATES = {
     "ptuning": 1e-2,
     "lora": 5e-4,
     "qlora": 5e-4,
+    "cloze": 1e-5,  # LM-BFF's rate for the whole model; with prompt.tune=lora, LoRA's 5e-4
 }
 
 
@@ -93,6 +94,11 @@ class TaskArgs:
     max_train_samples: int | None = help_field("Use at most this many training rows (stratified sample).", default=None)
     max_eval_samples: int | None = help_field("Use at most this many validation rows.", default=None)
     max_test_samples: int | None = help_field("Use at most this many test rows.", default=None)
+    shots: int | None = help_field(
+        "Few-shot: train on K examples per class, sampled by training.seed, and select on a validation set of K "
+        "per class (as LM-BFF does); the test split stays whole. Unset: all rows.",
+        default=None,
+    )
 
 
 @dataclass
@@ -101,7 +107,8 @@ class FinetuneArgs:
 
     mode: str = help_field(
         "frozen (encoder fixed, head trained on cached features), full (every weight), prompt (prompt tuning), "
-        "prefix (prefix tuning), ptuning (P-tuning), lora or qlora (LoRA on a 4-bit base).",
+        "prefix (prefix tuning), ptuning (P-tuning), lora or qlora (LoRA on a 4-bit base), cloze (a masked LM "
+        "fills a prompt.template; prompt.verbalizer words name the labels).",
         default="full",
     )
     pooling: str = help_field(
@@ -117,8 +124,9 @@ class FinetuneArgs:
     num_virtual_tokens: int = help_field("prompt, prefix, ptuning: number of virtual tokens.", default=20)
     prompt_init: str = help_field(
         "prompt: random (normal noise, PEFT's default), vocab (embeddings of random vocabulary tokens) or text "
-        "(the embeddings of prompt_init_text's tokens, repeated to num_virtual_tokens).",
-        default="random",
+        "(the embeddings of prompt_init_text's tokens, repeated to num_virtual_tokens; the default: Lester et al. "
+        "2021 found initialising from real words, class labels included, better than random at small sizes).",
+        default="text",
     )
     prompt_init_text: str | None = help_field(
         "prompt: text whose token embeddings initialise the prompt; unset: 'Classify the text as A or B:'.",
@@ -143,6 +151,32 @@ class FinetuneArgs:
 
 
 @dataclass
+class PromptArgs:
+    """finetune.mode=cloze: the template the masked LM completes and the words that name the labels."""
+
+    template: str | list | None = help_field(
+        "Text with {text} (and {text_b} for pairs) and one {mask}, e.g. '{text} It was {mask}.'; a list of "
+        "templates averages their label scores (PET's ensemble). Unset: the built-in task's template.",
+        default=None,
+    )
+    verbalizer: dict | None = help_field(
+        "Label -> word (or list of words, scored by their mean logit) that the MLM head predicts at the mask, e.g. "
+        "{negative: terrible, positive: great}; a word is scored by its first word piece. Unset: the built-in "
+        "task's words.",
+        default=None,
+    )
+    single_token: bool = help_field(
+        "Refuse verbalizer words that are not one token of the vocabulary (instead of scoring their first piece).",
+        default=False,
+    )
+    tune: str = help_field(
+        "full (every weight of the masked LM, LM-BFF) or lora (LoRA adapters, finetune.lora_* keys); "
+        "training.num_train_epochs=0 trains nothing (zero-shot).",
+        default="full",
+    )
+
+
+@dataclass
 class FinetuneTrainingArgs(TrainingArgs):
     """The shared training engine (the keys of `toolkit pretrain`), with fine-tuning defaults."""
 
@@ -151,7 +185,10 @@ class FinetuneTrainingArgs(TrainingArgs):
         "ptuning 1e-2, lora and qlora 5e-4).",
         default=None,
     )
-    num_train_epochs: float = help_field("Epochs to train for when max_steps is -1.", default=3.0)
+    num_train_epochs: float = help_field(
+        "Epochs to train for when max_steps is -1; 0 trains nothing and only evaluates (zero-shot).", default=3.0
+    )
+    zero_steps_evaluate = True  # class attribute, not a key: 0 epochs is an evaluation-only run here
     warmup_ratio: float = help_field("Warmup as a fraction of all steps.", default=0.1)
     report_to: list = help_field(
         "Trackers (accelerate's): tensorboard, mlflow, wandb, comet_ml, aim, clearml, dvclive, swanlab, trackio; "
@@ -183,13 +220,25 @@ class FinetuneRecipe:
     task: TaskArgs = field(default_factory=TaskArgs)
     finetune: FinetuneArgs = field(default_factory=FinetuneArgs)
     training: FinetuneTrainingArgs = field(default_factory=FinetuneTrainingArgs)
+    prompt: PromptArgs = field(default_factory=PromptArgs)
     compare: CompareArgs = field(default_factory=CompareArgs)
 
     def derived_defaults(self) -> dict:
-        """Defaults that depend on other fields: the mode's usual learning rate when none is given."""
+        """Defaults that depend on other fields: the mode's usual learning rate when none is given; the
+        built-in task's cloze prompt."""
+        out = {}
         if self.training.learning_rate is None and self.finetune.mode in MODE_LEARNING_RATES:
-            return {"training.learning_rate": MODE_LEARNING_RATES[self.finetune.mode]}
-        return {}
+            lora = self.finetune.mode == "cloze" and self.prompt.tune == "lora"
+            out["training.learning_rate"] = MODE_LEARNING_RATES["lora" if lora else self.finetune.mode]
+        if self.finetune.mode == "cloze":
+            from toolkit.finetuning.cloze import DEFAULT_PROMPTS
+
+            template, verbalizer = DEFAULT_PROMPTS.get(self.task.name, (None, None))
+            if self.prompt.template is None and template:
+                out["prompt.template"] = template
+            if self.prompt.verbalizer is None and verbalizer:
+                out["prompt.verbalizer"] = verbalizer
+        return out
 
     def validate(self) -> None:
         """Cross-field rules, checked before any data is read (the derived defaults are filled by then)."""
@@ -245,6 +294,14 @@ class FinetuneRecipe:
             if getattr(task, key) is not None and getattr(task, key) < 1:
                 raise ToolkitError(f"task.{key} must be at least 1 (or null for all rows)")
 
+        if task.shots is not None and task.shots < 1:
+            raise ToolkitError("task.shots must be at least 1 (examples per class), or null for all rows")
+        check_choice("prompt.tune", self.prompt.tune, ("full", "lora"))
+        if f.mode == "cloze":
+            from toolkit.finetuning.cloze import check_prompt
+
+            check_prompt(self.prompt, pair=len(task.text_fields) == 2)
+
         t.validate()
 
         if not self.compare.modes:
@@ -269,7 +326,7 @@ class FinetuneRecipe:
                 )
 
 
-SHARED_SECTIONS = ("model", "task", "output_dir", "compare")
+SHARED_SECTIONS = ("model", "task", "output_dir", "compare")  # prompt may differ per mode
 SHARED_KEYS = ("training.seed", "finetune.mode")
 
 

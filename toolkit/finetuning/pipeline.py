@@ -65,7 +65,15 @@ def run(recipe: FinetuneRecipe) -> FinetuneResult:
         loaded["tokenizer"] = tokenizer = load_model_tokenizer(model_dir, tokenizer_dir)
         modes.check_lengths(recipe, load_config(model_dir, {}))
         with quiet_datasets():
-            loaded["data"] = load_task(recipe.task, tokenizer)
+            loaded["data"] = data = load_task(recipe.task, tokenizer)
+            if recipe.task.shots:
+                from toolkit.finetuning.fewshot import sample_shots
+
+                sample_shots(data, recipe.task.shots, recipe.training.seed)
+            if f.mode == "cloze":  # templates rendered, verbalizer checked against the vocabulary
+                from toolkit.finetuning import cloze
+
+                loaded["verbalizer"] = cloze.encode_task(data, tokenizer, recipe.prompt, recipe.task.max_seq_length)
 
     def setup(accelerator, resume) -> Setup:
         tokenizer, data = loaded["tokenizer"], loaded["data"]
@@ -74,7 +82,12 @@ def run(recipe: FinetuneRecipe) -> FinetuneResult:
             rows = ", ".join(f"{k} {v}" for k, v in data.rows.items())
             kind = f"{len(data.labels)} classes ({', '.join(data.labels)})" if data.labels else "regression"
             print(f"task: {rows} rows; {kind}" + "".join(f"\n  note: {n}" for n in data.notes))
-        built = modes.build(recipe, data, tokenizer, model_dir, accelerator.device)
+        if f.mode == "cloze":
+            from toolkit.finetuning import cloze
+
+            built = cloze.build(recipe, model_dir, tokenizer)
+        else:
+            built = modes.build(recipe, data, tokenizer, model_dir, accelerator.device)
         if main:
             share = 100 * built.trainable / max(built.total, 1)
             print(
@@ -83,7 +96,7 @@ def run(recipe: FinetuneRecipe) -> FinetuneResult:
                 + (f"; new: {_summarise(built.new_weights)}" if built.new_weights else "")
             )
         objective, train_data, eval_data, test_data, feature_seconds = _objective_and_data(
-            recipe, data, built, tokenizer, model_dir, accelerator
+            recipe, data, built, tokenizer, model_dir, accelerator, loaded.get("verbalizer")
         )
         test_examples: dict = {}
 
@@ -106,6 +119,17 @@ def run(recipe: FinetuneRecipe) -> FinetuneResult:
             )
             if test_examples:
                 write_predictions(folder / "test_predictions.csv", data, data.test, test_examples)
+            if f.mode == "cloze":  # what `toolkit predict` needs to ask the masked LM
+                from toolkit.finetuning.cloze import write_prompt
+
+                write_prompt(
+                    folder,
+                    recipe.prompt,
+                    data.labels,
+                    loaded["verbalizer"],
+                    data.text_fields,
+                    recipe.task.max_seq_length,
+                )
 
         from toolkit.finetuning.card import write_model_card
 
@@ -140,13 +164,21 @@ def run(recipe: FinetuneRecipe) -> FinetuneResult:
     )
 
 
-def _objective_and_data(recipe, data, built, tokenizer, model_dir, accelerator):
+def _objective_and_data(recipe, data, built, tokenizer, model_dir, accelerator, verbalizer=None):
     """The training objective of the mode and the splits it reads (the frozen mode: cached features)."""
     from toolkit.finetuning import modes
     from toolkit.finetuning.objective import FrozenHead, SequenceClassifier
 
     f = recipe.finetune
     args = dataclasses.replace(f)
+    if f.mode == "cloze":
+        from toolkit.finetuning.cloze import ClozeClassifier
+
+        vocab = built.base.get_output_embeddings().weight.shape[0]
+        objective = ClozeClassifier(
+            built.model, args, tokenizer.pad_token_id, verbalizer, vocab, recipe.task.max_seq_length
+        )
+        return objective, data.train, data.validation, data.test, 0.0
     if f.mode == "frozen":
         train_data, eval_data, test_data, seconds = _frozen_features(recipe, data, built, model_dir, accelerator)
         objective = FrozenHead(built.model, args, data.problem_type, tokenizer.pad_token_id)
@@ -200,7 +232,7 @@ def save_model(trained, folder: Path, recipe, model_dir: str, state_dict: dict |
     """full/frozen: the whole classifier; PEFT modes: the adapter (+ the classification config, so
     the base loads with the right labels). Mean pooling adds its model code (see heads.py)."""
     mode = recipe.finetune.mode
-    if mode in PEFT_MODES:
+    if mode in PEFT_MODES or hasattr(trained, "peft_config"):  # cloze with LoRA saves an adapter too
         adapter_state = None
         if state_dict is not None:
             adapter_state = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}

@@ -28,6 +28,8 @@ def load_finetuned(path: str | Path):
     if not (path / "config.json").is_file():
         raise ToolkitError(f"'{path}' is not a fine-tuned model folder (it has no config.json)")
     recipe = yaml.safe_load((path / "recipe.yaml").read_text()) if (path / "recipe.yaml").is_file() else {}
+    if (path / "prompt.json").is_file():  # cloze: a masked LM and its prompt
+        return _load_masked_lm(path), load_model_tokenizer(str(path)), recipe
     remote = "auto_map" in json.loads((path / "config.json").read_text())  # mean pooling (heads.py)
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=remote)
     if (path / "adapter_config.json").is_file():
@@ -55,6 +57,37 @@ def load_finetuned(path: str | Path):
     return model.eval(), load_model_tokenizer(str(path)), recipe
 
 
+def _load_masked_lm(path: Path):
+    from transformers import AutoModelForMaskedLM
+
+    if not (path / "adapter_config.json").is_file():
+        return AutoModelForMaskedLM.from_pretrained(str(path)).eval()
+    from peft import PeftConfig, PeftModel
+
+    base = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
+    if not Path(base).is_dir():
+        raise ToolkitError(f"the base model of '{path}' is not on this machine: '{base}' (see adapter_config.json)")
+    return PeftModel.from_pretrained(AutoModelForMaskedLM.from_pretrained(base), str(path)).eval()
+
+
+def _cloze_logits(model, tokenizer, prompt: dict, table, fields: list[str], batch_size: int) -> torch.Tensor:
+    """Label scores of every row: the saved templates rendered, the verbalizer read at the mask."""
+    from toolkit.finetuning import cloze
+
+    encoded = cloze.encode(
+        table.select_columns(fields), tokenizer, prompt["templates"], fields, prompt["max_seq_length"]
+    )
+    encoded = encoded.add_column("labels", [0] * len(encoded))
+    examples = cloze.ClozeExamples(encoded, tokenizer.pad_token_id)
+    matrix = cloze.label_matrix(prompt["verbalizer_ids"], model.get_output_embeddings().weight.shape[0])
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            b = examples.__getitems__(list(range(start, min(start + batch_size, len(examples)))))
+            out.append(cloze.label_scores(model, matrix, b["input_ids"], b["attention_mask"], b["mask_positions"]))
+    return torch.cat(out)
+
+
 def predict(
     model_dir: str | Path,
     file: str,
@@ -65,10 +98,14 @@ def predict(
 ) -> tuple[Path, dict]:
     """Write a prediction for every row of `file` (CSV/TSV/JSON/JSONL/Parquet) to `output` (.csv or
     .jsonl); returns (output path, metrics when the file has the label column, else {})."""
+    from types import SimpleNamespace
+
     from toolkit.finetuning import metrics as task_metrics
+    from toolkit.finetuning.cloze import read_prompt
     from toolkit.finetuning.heads import is_decoder
     from toolkit.finetuning.tasks import label_strings, read_table, tokenize
     from toolkit.hf import quiet_datasets
+    from toolkit.paths import resolve_path
 
     model, tokenizer, recipe = load_finetuned(model_dir)
     task = recipe.get("task", {})
@@ -89,17 +126,30 @@ def predict(
                 f"no column {', '.join(map(repr, missing))} in '{file}': its columns are {', '.join(table.column_names)}; "
                 "pass --text-fields"
             )
-        encoded = tokenize(table, tokenizer, fields, max_len)
+        prompt = read_prompt(resolve_path(model_dir))
+        if prompt is None:
+            encoded = tokenize(table, tokenizer, fields, max_len)
+        else:
+            cloze_logits = _cloze_logits(model, tokenizer, prompt, table, fields, batch_size)
     config = model.config
+    if prompt is not None:  # the labels live in prompt.json; a masked LM's config has none
+        config = SimpleNamespace(
+            problem_type="classification",
+            num_labels=len(prompt["labels"]),
+            id2label=dict(enumerate(prompt["labels"])),
+            label2id={n: i for i, n in enumerate(prompt["labels"])},
+        )
     regression = config.problem_type == "regression"
     mode = recipe.get("finetune", {}).get("mode")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     pad_to = max_len if mode in ("prompt", "ptuning") and is_decoder(base) else None
 
-    columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in encoded.column_names]
-    logits = []
+    logits = [cloze_logits] if prompt is not None else []
+    columns = [
+        c for c in ("input_ids", "attention_mask", "token_type_ids") if prompt is None and c in encoded.column_names
+    ]
     with torch.no_grad():
-        for start in range(0, len(encoded), batch_size):
+        for start in range(0, len(encoded) if prompt is None else 0, batch_size):
             rows = encoded.select_columns(columns)[start : start + batch_size]
             width = pad_to or max(len(x) for x in rows["input_ids"])
             batch = {}

@@ -7,10 +7,11 @@ refuses with "Model does not support past key values which are required for pref
 the models still attend over a cache correctly, encoders included.
 
 `support_prefix_tuning(model)` gives the model instance a `forward` that accepts `past_key_values`
-and passes it on as `cache`. For encoders it also numbers the real tokens from position 0: the
-prefix is keys and values only, not tokens, and a BERT-style encoder should see its input at the
-positions it was pretrained with (left alone, absolute positions would start after the prefix).
-Decoders keep transformers' numbering, where the prefix acts as earlier tokens.
+and passes it on as `cache`, and does nothing else. In particular the real tokens keep the positions
+transformers gives them after a cache of P entries, P..P+n-1 (encoders included): that is PEFT's own
+convention (what PEFT computes where it passes the prefix natively) and P-tuning v2's, so an adapter
+trained here gives the same predictions wherever PEFT runs it. (An earlier version numbered an
+encoder's tokens from 0; its adapters were trained for other positions and disagree with PEFT.)
 
 Use it before `get_peft_model` when training and after `PeftModel.from_pretrained` when loading a
 saved prefix adapter; models that already accept `past_key_values` are returned unchanged.
@@ -19,8 +20,6 @@ saved prefix adapter; models that already accept `past_key_values` are returned 
 from __future__ import annotations
 
 import inspect
-
-import torch
 
 
 def support_prefix_tuning(model):
@@ -31,16 +30,10 @@ def support_prefix_tuning(model):
     if "past_key_values" in signature.parameters or "cache" not in backbone:
         return model  # already works, or cannot attend over a cache at all (PEFT will say so)
     forward = target.forward
-    encoder = not hasattr(target, "score")  # decoder-only classifiers read the last token through `score`
 
     def forward_with_prefix(*args, past_key_values=None, **kwargs):
         if past_key_values is not None:
             kwargs["cache"] = past_key_values
-            if encoder and kwargs.get("position_ids") is None:
-                inputs = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-                if inputs is None and args:
-                    inputs = args[0]
-                kwargs["position_ids"] = torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0)
         return forward(*args, **kwargs)
 
     params = list(signature.parameters.values())
