@@ -14,7 +14,7 @@ from pathlib import Path
 from toolkit.config import PretrainRecipe, load_recipe, normalize_overrides, to_dict, to_yaml
 from toolkit.data import blocks as block_data
 from toolkit.data import corpus
-from toolkit.engine import checkpoint
+from toolkit.engine import outputs
 from toolkit.errors import ToolkitError
 from toolkit.tokenizer import load_tokenizer, train_tokenizer
 
@@ -103,8 +103,7 @@ def run(recipe: PretrainRecipe) -> PretrainResult:
 
     t, out = recipe.training, Path(recipe.output_dir)
     # ---- every check that can fail on user input runs before any work or any file is written ---
-    resume = checkpoint.resolve_resume(out, t.resume_from_checkpoint)
-    check_output_dir(out, resume, t)
+    resume = outputs.prepare(out, t)  # writable, the checkpoint to resume from, no mixing of runs
     for f in corpus.expand(recipe.data.train_files, "data.train_files") + corpus.expand(
         recipe.data.validation_files, "data.validation_files"
     ):
@@ -184,6 +183,7 @@ def publish(out: Path, write) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write(tmp)
+    outputs.follow_umask(tmp)  # safetensors writes its files 0600
     for entry in sorted(tmp.iterdir()):
         target = out / entry.name
         if target.is_dir():

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from toolkit.config import load_recipe, merge, normalize_overrides, parse_overrides, to_dict, to_yaml
-from toolkit.engine import checkpoint
+from toolkit.engine import outputs
 from toolkit.finetuning.config import PEFT_MODES, POOLING_MODES, FinetuneRecipe
 
 RESULTS_FILE = "results.json"
@@ -66,13 +66,12 @@ def run(recipe: FinetuneRecipe) -> FinetuneResult:
     from toolkit.finetuning.tasks import load_task
     from toolkit.models import check_model_dir, load_config
     from toolkit.paths import resolve_path
-    from toolkit.pretraining import check_output_dir, publish
+    from toolkit.pretraining import publish
 
     started = time.perf_counter()
     t, f, out = recipe.training, recipe.finetune, Path(recipe.output_dir)
     # ---- every check that can fail on user input runs before any work or any file is written ---
-    resume = checkpoint.resolve_resume(out, t.resume_from_checkpoint)
-    check_output_dir(out, resume, t)
+    resume = outputs.prepare(out, t)  # writable, the checkpoint to resume from, no mixing of runs
     model_dir = resolve_path(recipe.model.model_name_or_path)
     check_model_dir(model_dir)
     tokenizer_dir = resolve_path(recipe.model.tokenizer_name_or_path) if recipe.model.tokenizer_name_or_path else None
