@@ -256,3 +256,43 @@ def test_disk_filling_up_during_a_save_is_one_clear_error(mounted, corpus_dir, w
     with pytest.raises(ToolkitError, match=r"the disk is full: checkpoint .*checkpoint-4 could not be written"):
         toolkit.pretrain(recipe_for(out, corpus_dir, wordpiece_dir, save_total_limit=1))
     _after_full_disk(out)
+
+
+# ---- defect 7: verbs that would answer from random weights ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory, wordpiece_dir) -> Path:
+    """A sequence classifier folder (labels neg/pos) with the toolkit's tokenizer: what finetune writes."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from conftest import TINY_MODEL
+
+    out = tmp_path_factory.mktemp("clf") / "model"
+    tokenizer = AutoTokenizer.from_pretrained(wordpiece_dir)
+    config = BertConfig(
+        vocab_size=len(tokenizer), id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1}, **TINY_MODEL
+    )
+    BertForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_evaluate_refuses_a_classifier_and_too_long_sequences(classifier_dir, base_run, corpus_dir):
+    with pytest.raises(ToolkitError, match=r"BertForSequenceClassification, not a masked language model.*cls\."):
+        toolkit.evaluate(classifier_dir, [str(corpus_dir)], max_seq_length=32)
+    with pytest.raises(ToolkitError, match="more than .* has positions for \\(512\\)"):
+        toolkit.evaluate(base_run[1], [str(corpus_dir)], max_seq_length=513)
+    scores = toolkit.evaluate(base_run[1], [str(corpus_dir)], max_seq_length=32)  # a real MLM still scores
+    assert 0 < scores["loss"] < 10
+
+
+def test_predict_refuses_a_pretrained_folder_and_unknown_labels(classifier_dir, base_run, tmp_path):
+    rows = tmp_path / "rows.csv"
+    rows.write_text("text,label\nthe king is good,pos\nthe lord is vile,neg\n")
+    with pytest.raises(ToolkitError, match=r"BertForMaskedLM, not a fine-tuned classifier.*classifier"):
+        toolkit.predict(base_run[1], str(rows), tmp_path / "p.csv")
+    path, scores = toolkit.predict(classifier_dir, str(rows), tmp_path / "p.csv")
+    assert set(scores) >= {"accuracy"} and len(path.read_text().splitlines()) == 3
+    rows.write_text("text,label\nthe king is good,pos\nthe lord is vile,maybe\n")
+    with pytest.raises(ToolkitError, match=r"labels the model does not know \('maybe'"):
+        toolkit.predict(classifier_dir, str(rows), tmp_path / "p.csv")
