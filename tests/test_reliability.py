@@ -264,8 +264,8 @@ def test_disk_filling_up_during_a_save_is_one_clear_error(mounted, corpus_dir, w
 @pytest.fixture(scope="module")
 def classifier_dir(tmp_path_factory, wordpiece_dir) -> Path:
     """A sequence classifier folder (labels neg/pos) with the toolkit's tokenizer: what finetune writes."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
     from conftest import TINY_MODEL
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     out = tmp_path_factory.mktemp("clf") / "model"
     tokenizer = AutoTokenizer.from_pretrained(wordpiece_dir)
