@@ -296,3 +296,36 @@ def test_predict_refuses_a_pretrained_folder_and_unknown_labels(classifier_dir, 
     rows.write_text("text,label\nthe king is good,pos\nthe lord is vile,maybe\n")
     with pytest.raises(ToolkitError, match=r"labels the model does not know \('maybe'"):
         toolkit.predict(classifier_dir, str(rows), tmp_path / "p.csv")
+
+
+# ---- defect 4: bad bytes deep in a corpus ---------------------------------------------------------------
+
+
+def test_bad_bytes_deep_in_a_corpus_are_located(tmp_path, capsys):
+    from toolkit.data.corpus import load_documents
+
+    text = tmp_path / "deep.txt"
+    text.write_bytes(b"hello world\n\n" * 10_000 + b"bad \xff bytes\n")  # past the first 64 KB
+    with pytest.raises(ToolkitError, match=r"deep.txt' as text, line 20001 \(byte 130004\): invalid UTF-8"):
+        load_documents([text], "text", "blank_line")
+    lines = tmp_path / "rows.jsonl"
+    lines.write_text("".join(f'{{"text": "row {i}"}}\n' for i in range(5000)) + '{"text": broken\n')
+    with pytest.raises(ToolkitError, match=r"rows.jsonl' as json, line 5001 \(byte \d+\): not valid JSON"):
+        load_documents([lines], "text", "blank_line")
+    gz = tmp_path / "deep.txt.gz"
+    import gzip
+
+    gz.write_bytes(gzip.compress(text.read_bytes()))
+    with pytest.raises(ToolkitError, match=r"line 20001 \(byte 130004\): invalid UTF-8"):
+        load_documents([gz], "text", "blank_line")
+
+
+def test_rows_without_the_text_field_are_counted_and_too_many_stop(tmp_path, capsys):
+    from toolkit.data.corpus import load_documents
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(f'{{"text": "row {i}"}}\n' for i in range(19)) + '{"body": "elsewhere"}\n')
+    docs = load_documents([path], "text", "blank_line")
+    assert len(docs) == 19 and "1 of 20 rows (5.0%)" in capsys.readouterr().err
+    with pytest.raises(ToolkitError, match=r"1 of 20 rows \(5.0%\).*more than data.max_missing_text_share=0.01"):
+        load_documents([path], "text", "blank_line", max_missing_share=0.01)

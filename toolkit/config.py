@@ -175,6 +175,11 @@ class DataArgs:
     document_boundary: str = _help(
         "How plain-text files split into documents: blank_line, line or file.", default="blank_line"
     )
+    max_missing_text_share: float = _help(
+        "Rows of .jsonl/.json/.csv/.parquet files without data.text_field are dropped and counted; a larger "
+        "share than this stops the run (a wrong text_field, most likely).",
+        default=0.1,
+    )
     preprocessing_num_workers: int | None = _help(
         "Processes for tokenization (None: one per CPU core for large corpora).", default=None
     )
@@ -246,6 +251,8 @@ class PretrainRecipe:
                 "data.train_files is empty: give at least one text file, e.g. data.train_files=[corpus.txt]"
             )
         _choice("data.document_boundary", d.document_boundary, ("blank_line", "line", "file"))
+        if not 0 <= d.max_missing_text_share <= 1:
+            raise ToolkitError(f"data.max_missing_text_share={d.max_missing_text_share} must be in [0, 1]")
         if d.max_seq_length < 8:
             raise ToolkitError(f"data.max_seq_length={d.max_seq_length} is too short: use at least 8")
         if not d.validation_files and not 0 <= d.validation_split_percentage < 50:
