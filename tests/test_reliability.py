@@ -7,16 +7,18 @@ is copied by the tests that damage it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_bert_recipe
+from conftest import REPO, tiny_bert_recipe
 
 import toolkit
 from toolkit.engine import checkpoint, outputs
+from toolkit.engine.tracking import read_metrics
 from toolkit.errors import ToolkitError
 
 CKPT_FILES = {
@@ -33,7 +35,7 @@ CKPT_FILES = {
 
 
 def recipe_for(out, corpus_dir, wordpiece_dir, **training):
-    settings = dict(max_steps=4, save_steps=2, save_total_limit=2, eval_on_start=False, max_eval_batches=1)
+    settings = dict(max_steps=4, save_steps=2, save_total_limit=2, max_eval_batches=1)
     return tiny_bert_recipe(out, corpus_dir, wordpiece_dir, **{**settings, **training})
 
 
@@ -115,6 +117,8 @@ def test_auto_falls_back_past_a_corrupt_checkpoint_and_finishes_like_an_uninterr
     assert "resuming from" in err and "checkpoint-2" in err and "checkpoint-4: model.safetensors has" in err
     assert result.metrics["steps"] == 4
     assert_same_weights(weights(out), base_run[2])
+    # resumed part-way, the "before" numbers are still known (kept in the checkpoint state)
+    assert result.metrics["initial_eval_loss"] == read_metrics(base_run[1])[0]["eval_loss"]
     # the damaged folder is kept aside, not deleted, and no longer reachable by auto
     aside = list((out / "checkpoints").glob("abandoned-*/checkpoint-4"))
     assert len(aside) == 1 and checkpoint.problem(aside[0]) is not None
@@ -329,3 +333,68 @@ def test_rows_without_the_text_field_are_counted_and_too_many_stop(tmp_path, cap
     assert len(docs) == 19 and "1 of 20 rows (5.0%)" in capsys.readouterr().err
     with pytest.raises(ToolkitError, match=r"1 of 20 rows \(5.0%\).*more than data.max_missing_text_share=0.01"):
         load_documents([path], "text", "blank_line", max_missing_share=0.01)
+
+
+# ---- defect 8: the smaller ones ---------------------------------------------------------------------------
+
+
+def test_saved_files_follow_the_umask(base_run):
+    mask = os.umask(0)
+    os.umask(mask)
+    out = base_run[1]
+    modes = {
+        p.name: p.stat().st_mode & 0o777 for p in [*out.iterdir(), *(out / "checkpoints" / "checkpoint-4").iterdir()]
+    }
+    assert modes["model.safetensors"] == 0o666 & ~mask
+    assert {m for name, m in modes.items() if name != "checkpoints"} == {0o666 & ~mask}
+
+
+def test_a_run_recovered_at_its_final_step_past_a_torn_metrics_line_reports_its_metrics(base_run, tmp_path, capsys):
+    recipe, out = copy_run(base_run, tmp_path / "run")
+    for name in ("model.safetensors", "README.md"):  # a crash after the last checkpoint, before publishing
+        (out / name).unlink()
+    with (out / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 4, "eval_lo')  # torn by the crash
+    result = toolkit.pretrain(recipe, training__resume_from_checkpoint="auto")
+    assert "skipped a torn last line" in capsys.readouterr().err
+    logged = read_metrics(base_run[1])
+    assert result.metrics["initial_eval_loss"] == logged[0]["eval_loss"]
+    assert result.metrics["train_loss"] == [m for m in logged if "loss" in m][-1]["loss"]
+    assert result.metrics["eval_loss"] == pytest.approx(
+        [m for m in logged if "eval_loss" in m][-1]["eval_loss"], abs=1e-6
+    )
+    card = (out / "README.md").read_text()
+    assert f"| loss | {result.metrics['initial_eval_loss']:.4f} | {result.metrics['eval_loss']:.4f} |" in card
+    assert_same_weights(weights(out), base_run[2])
+
+
+def test_a_bad_metrics_line_in_the_middle_is_named(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ToolkitError, match="line 2 is not a JSON metrics line"):
+        read_metrics(tmp_path)
+
+
+def test_extending_a_finished_run_says_how_the_schedule_changes(base_run, tmp_path, capsys):
+    recipe, out = copy_run(base_run, tmp_path / "run")
+    toolkit.pretrain(recipe, training__max_steps=5, training__resume_from_checkpoint="auto")
+    printed = capsys.readouterr().out
+    assert "the run was planned for 4 steps and now runs to 5" in printed
+    assert "schedule (linear) is recomputed over 5 steps" in printed
+
+
+def test_files_given_on_the_command_line_replace_the_recipes_builtin_task():
+    from toolkit.config import from_dict, merge, parse_overrides, read_yaml
+    from toolkit.finetuning.config import FinetuneRecipe, drop_builtin_task_when_files_given
+
+    data = read_yaml(REPO / "recipes" / "finetune-lora.yaml")
+    overrides = parse_overrides(["task.train_file=reviews.csv", "task.label_field=stars"])
+    with pytest.raises(ToolkitError, match="brings its own data"):  # what the README's example hit
+        from_dict(FinetuneRecipe, merge(data, overrides)).validate()
+    recipe = from_dict(FinetuneRecipe, merge(drop_builtin_task_when_files_given(data, overrides), overrides))
+    recipe.validate()
+    assert recipe.task.name is None and recipe.task.train_file == "reviews.csv"
+    assert recipe.task.max_seq_length == 64  # the rest of the recipe's task section stays
+    # a built-in task named on the command line, or no files given: nothing is dropped
+    named = parse_overrides(["task.name=sms-spam", "task.train_file=x.csv"])
+    assert drop_builtin_task_when_files_given(data, named)["task"]["name"] == "movie-sentiment"
+    assert drop_builtin_task_when_files_given(data, {"training": {"seed": 1}}) is data
