@@ -89,9 +89,13 @@ class TrainingArgs:
     eval_on_start: bool = _help("Evaluate once before training (the 'before' numbers).", default=True)
     max_eval_batches: int | None = _help("Cap on evaluation batches per process (None: all).", default=None)
     save_steps: int = _help("Checkpoint every N steps; 0 saves only the final checkpoint.", default=0)
-    save_total_limit: int = _help("Checkpoints kept under output_dir/checkpoints (newest).", default=2)
+    save_total_limit: int = _help(
+        "Checkpoints kept under output_dir/checkpoints: the newest of this run's saves.", default=2
+    )
     resume_from_checkpoint: str | None = _help(
-        "'auto' (newest complete checkpoint in output_dir) or a checkpoint folder.", default=None
+        "'auto' (the newest valid checkpoint in output_dir; a fresh start there when there is none) or a "
+        "checkpoint folder (newer checkpoints of the same output_dir are moved to checkpoints/abandoned-<time>).",
+        default=None,
     )
     overwrite_output_dir: bool = _help(
         "Allow starting a fresh run in an output_dir that already holds one.", default=False
