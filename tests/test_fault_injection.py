@@ -113,5 +113,6 @@ def test_kill_at_random_moments_twenty_times(reference, tmp_path):
             results.append(trial(reference, tmp_path / str(seed), kill_at=stage))
         else:  # a random moment of the whole run, start-up included
             results.append(trial(reference, tmp_path / str(seed), after=rng.uniform(0.2, 1.0) * seconds))
+        print(f"trial {seed}: {'passed' if results[-1][0] else 'FAILED'} ({results[-1][1]})", flush=True)
     report("kill -9 at random moments", results)
     assert all(ok for ok, _ in results), results

@@ -286,7 +286,7 @@ def train(job: Job, accelerator, resume: Path | None = None):
             print(
                 f"note: the run was planned for {planned} steps and now runs to {steps}: the learning-rate schedule "
                 f"({t.lr_scheduler_type}) is recomputed over {steps} steps, so at step {step} the learning rate is "
-                f"{scheduler.get_last_lr()[0]:.3g} (it would have been on the old plan's curve otherwise)"
+                f"{scheduler.get_last_lr()[0]:.3g}"
             )
     if main:  # checkpoints not in this run's history (newer than the resumed one, invalid) go aside
         checkpoint.set_aside(job.output_dir, resume)
