@@ -333,6 +333,9 @@ def test_rows_without_the_text_field_are_counted_and_too_many_stop(tmp_path, cap
     assert len(docs) == 19 and "1 of 20 rows (5.0%)" in capsys.readouterr().err
     with pytest.raises(ToolkitError, match=r"1 of 20 rows \(5.0%\).*more than data.max_missing_text_share=0.01"):
         load_documents([path], "text", "blank_line", max_missing_share=0.01)
+    path.write_text('{"text": ["a", "list"]}\n')  # found by the fuzz test: a TypeError from datasets before
+    with pytest.raises(ToolkitError, match="does not hold strings only"):
+        load_documents([path], "text", "blank_line")
 
 
 # ---- defect 8: the smaller ones ---------------------------------------------------------------------------

@@ -181,6 +181,12 @@ def load_documents(files: list[Path], text_field: str, document_boundary: str, m
                         "or raise that share to drop them"
                     )
                 print(f"note: {note}: dropped", file=sys.stderr)
+            kind = ds.features[text_field]
+            if not isinstance(kind, datasets.Value):  # lists, objects: no text to read
+                raise ToolkitError(
+                    f"column '{text_field}' of {', '.join(paths)} does not hold strings only (it reads as "
+                    f"{type(kind).__name__.lower()}): point data.text_field at a column of strings"
+                )
             ds = ds.select_columns([text_field])
             if text_field != "text":
                 ds = ds.rename_column(text_field, "text")
