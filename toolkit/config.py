@@ -108,9 +108,13 @@ class TrainingArgs:
         default=None,
     )
     save_steps: int = help_field("Checkpoint every N steps; 0 saves only the final checkpoint.", default=0)
-    save_total_limit: int = help_field("Checkpoints kept under output_dir/checkpoints (newest).", default=2)
+    save_total_limit: int = help_field(
+        "Checkpoints kept under output_dir/checkpoints: the newest of this run's saves.", default=2
+    )
     resume_from_checkpoint: str | None = help_field(
-        "'auto' (newest complete checkpoint in output_dir) or a checkpoint folder.", default=None
+        "'auto' (the newest valid checkpoint in output_dir; a fresh start there when there is none) or a "
+        "checkpoint folder (newer checkpoints of the same output_dir are moved to checkpoints/abandoned-<time>).",
+        default=None,
     )
     overwrite_output_dir: bool = help_field(
         "Allow starting a fresh run in an output_dir that already holds one.", default=False
@@ -220,6 +224,11 @@ class DataArgs:
     document_boundary: str = help_field(
         "How plain-text files split into documents: blank_line, line or file.", default="blank_line"
     )
+    max_missing_text_share: float = help_field(
+        "Rows of .jsonl/.json/.csv/.parquet files without data.text_field are dropped and counted; a larger "
+        "share than this stops the run (a wrong text_field, most likely).",
+        default=0.1,
+    )
     preprocessing_num_workers: int | None = help_field(
         "Processes for tokenization (None: one per CPU core for large corpora).", default=None
     )
@@ -312,6 +321,8 @@ class PretrainRecipe:
             )
         check_choice("data.document_boundary", d.document_boundary, ("blank_line", "line", "file"))
         check_choice("data.segments", d.segments, (1, 2))
+        if not 0 <= d.max_missing_text_share <= 1:
+            raise ToolkitError(f"data.max_missing_text_share={d.max_missing_text_share} must be in [0, 1]")
         if d.max_seq_length < 8:
             raise ToolkitError(f"data.max_seq_length={d.max_seq_length} is too short: use at least 8")
         if not d.validation_files and not 0 <= d.validation_split_percentage < 50:
@@ -508,8 +519,10 @@ def resolve(cls, recipe: str | Path | dict | Any = None, overrides: list | dict 
     learning rate, say) is derived again, so a resolved recipe can be re-resolved with another mode.
     """
     data = recipe_data(recipe)
-    data = merge(data, combine_overrides(overrides, kwargs))
-    return finish(cls, from_dict(cls, data))
+    extra = combine_overrides(overrides, kwargs)
+    if hasattr(cls, "yield_to_overrides"):  # keys of the file that the overrides replace as a whole
+        data = cls.yield_to_overrides(data, extra)
+    return finish(cls, from_dict(cls, merge(data, extra)))
 
 
 def finish(cls, obj):

@@ -43,6 +43,11 @@ def evaluate_model(
     name = "clm" if causal else "mlm"
     objective_cls = OBJECTIVES[name]
     tokenizer = load_tokenizer(model)
+    if max_seq_length and max_seq_length > max_positions(config):
+        raise ToolkitError(
+            f"--max-seq-length {max_seq_length} is more than '{model}' has positions for ({max_positions(config)}): "
+            f"use at most {max_positions(config)}"
+        )
     length = max_seq_length or min(tokenizer.model_max_length, max_positions(config), 512)
     data = DataArgs(
         train_files=list(files),
@@ -54,9 +59,18 @@ def evaluate_model(
     )
     blocks = prepare_blocks(data, tokenizer, seed, segments=segments if objective_cls.two_segments else 1)
     try:
-        hf_model = getattr(transformers, objective_cls.auto_class).from_pretrained(str(model))
+        hf_model, report = getattr(transformers, objective_cls.auto_class).from_pretrained(
+            str(model), output_loading_info=True
+        )
     except ValueError as e:
         raise ToolkitError(f"cannot load '{model}' as a {objective_cls.auto_class}: {e}") from None
+    if report["missing_keys"]:  # newly initialised weights: a loss from them would mean nothing
+        raise ToolkitError(
+            f"'{model}' is a {', '.join(config.architectures or ['model without a recorded architecture'])}, not a "
+            f"{'causal' if causal else 'masked'} language model: its LM head ({_names(report['missing_keys'])}) is "
+            "missing, so a loss or perplexity would come from random weights; `toolkit evaluate` needs a pretrained "
+            "folder (the output_dir of `toolkit pretrain`); score a fine-tuned classifier with `toolkit predict`"
+        )
     objective = objective_cls(hf_model, ObjectiveArgs(name=name))
     from accelerate import Accelerator
 
@@ -72,3 +86,8 @@ def evaluate_model(
     metrics = evaluate(objective, objective, loader, accelerator)
     metrics.update(objective=name, blocks=len(blocks.train), max_seq_length=length)
     return metrics
+
+
+def _names(keys: list[str], shown: int = 3) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")

@@ -159,11 +159,11 @@ def prepare_blocks(
 
 def split_documents(data, seed: int, train_files, val_files):
     """Read documents; hold out a seeded fraction of them for validation when no files are given."""
-    train = corpus.load_documents(train_files, data.text_field, data.document_boundary)
+    train = corpus.load_documents(train_files, data.text_field, data.document_boundary, data.max_missing_text_share)
     if len(train) == 0:
         raise ToolkitError("the training files hold no text: every document is empty")
     if val_files:
-        val = corpus.load_documents(val_files, data.text_field, data.document_boundary)
+        val = corpus.load_documents(val_files, data.text_field, data.document_boundary, data.max_missing_text_share)
         if len(val) == 0:
             raise ToolkitError("the validation files hold no text: every document is empty")
         return train, val

@@ -13,6 +13,8 @@ from __future__ import annotations
 import codecs
 import glob
 import gzip
+import json
+import sys
 from pathlib import Path
 
 from toolkit.errors import ToolkitError
@@ -90,8 +92,62 @@ def fingerprint(files: list[Path]) -> list[tuple[str, int, int]]:
     return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
-def load_documents(files: list[Path], text_field: str, document_boundary: str):
-    """Read files into one Dataset with a single `text` column of non-empty documents."""
+def first_bad_bytes(path: Path, fmt: str) -> str | None:
+    """Where `path` stops being readable as `fmt`: 'line L (byte B): reason', or None. Streams the
+    whole file (gzip included) in 1 MiB chunks; JSON lines are parsed one by one (only called after
+    a read has failed, so its cost is paid only then)."""
+    opener = gzip.open if file_format(path)[1] else open
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    try:
+        with opener(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                try:
+                    decoder.decode(chunk, final=False)
+                except UnicodeDecodeError as e:
+                    where, at = offset + e.start, line + chunk.count(b"\n", 0, e.start)
+                    return f"line {at} (byte {where}): invalid UTF-8"
+                line += chunk.count(b"\n")
+                offset += len(chunk)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return f"line {line} (byte {offset}): the file ends inside a UTF-8 character"
+    except (OSError, EOFError) as e:
+        return f"byte {offset}: {e}"
+    if fmt == "json" and path.name.lower().removesuffix(".gz").endswith(".jsonl"):
+        offset = 0
+        with opener(path, "rb") as fh:
+            for number, raw in enumerate(fh, 1):
+                text = raw.strip()
+                if text:
+                    try:
+                        row = json.loads(text)
+                    except ValueError as e:
+                        return f"line {number} (byte {offset}): not valid JSON ({e})"
+                    if not isinstance(row, dict):
+                        return f"line {number} (byte {offset}): a JSON line must be an object, got {type(row).__name__}"
+                offset += len(raw)
+    return None
+
+
+def unreadable(paths: list[str], fmt: str, error: BaseException, what: str = "") -> ToolkitError:
+    """One clear error for a file the `datasets` builders could not read: the file, line and byte
+    offset of the first bad bytes when they can be found, else the root cause's first line."""
+    for p in paths:
+        where = first_bad_bytes(Path(p), fmt)
+        if where:
+            return ToolkitError(f"{what}{': ' if what else ''}cannot read '{p}' as {fmt}, {where}: fix or remove it")
+    cause = error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    reason = (str(cause).splitlines() or [type(cause).__name__])[0][:300]
+    return ToolkitError(f"{what}{': ' if what else ''}cannot read {', '.join(paths)} as {fmt}: {reason}")
+
+
+def load_documents(files: list[Path], text_field: str, document_boundary: str, max_missing_share: float = 0.1):
+    """Read files into one Dataset with a single `text` column of non-empty documents. Rows of
+    structured files without the text field are dropped and counted; more than `max_missing_share`
+    of them missing stops the run (the wrong data.text_field, most likely)."""
     import datasets
 
     for f in files:
@@ -102,14 +158,34 @@ def load_documents(files: list[Path], text_field: str, document_boundary: str):
         by_format.setdefault(file_format(f)[0], []).append(str(f))
     sample_by = {"blank_line": "paragraph", "line": "line", "file": "document"}[document_boundary]
     for fmt, paths in by_format.items():
-        if fmt == "text":
-            ds = datasets.load_dataset("text", data_files=paths, sample_by=sample_by, split="train")
-        else:
-            ds = datasets.load_dataset(fmt, data_files=paths, split="train")
+        try:
+            if fmt == "text":
+                ds = datasets.load_dataset("text", data_files=paths, sample_by=sample_by, split="train")
+            else:
+                ds = datasets.load_dataset(fmt, data_files=paths, split="train")
+        except Exception as e:  # the builders raise many types for malformed files
+            raise unreadable(paths, fmt, e) from None
+        if fmt != "text":
             if text_field not in ds.column_names:
                 raise ToolkitError(
                     f"no column '{text_field}' in {', '.join(paths)}: the columns are "
                     f"{', '.join(ds.column_names)}; set data.text_field to one of them"
+                )
+            missing = ds.data.column(text_field).null_count
+            if missing:
+                share = missing / max(len(ds), 1)
+                note = f"{missing} of {len(ds)} rows ({share:.1%}) of {', '.join(paths)} have no '{text_field}'"
+                if share > max_missing_share:
+                    raise ToolkitError(
+                        f"{note}, more than data.max_missing_text_share={max_missing_share}: check data.text_field, "
+                        "or raise that share to drop them"
+                    )
+                print(f"note: {note}: dropped", file=sys.stderr)
+            kind = ds.features[text_field]
+            if not isinstance(kind, datasets.Value):  # lists, objects: no text to read
+                raise ToolkitError(
+                    f"column '{text_field}' of {', '.join(paths)} does not hold strings only (it reads as "
+                    f"{type(kind).__name__.lower()}): point data.text_field at a column of strings"
                 )
             ds = ds.select_columns([text_field])
             if text_field != "text":

@@ -223,6 +223,25 @@ def eval_loader(job: Job, accelerator, seed: int, max_batches: int | None = None
     return make_loader(dataset, sampler, collator)
 
 
+def resumed_history(state: dict, output_dir: Path) -> dict:
+    """What a resumed run knows of its past: the initial evaluation (from the checkpoint, or the step-0
+    line of metrics.jsonl for checkpoints written before it was kept there) and the last training
+    metrics logged up to the checkpoint (a run recovered at its final step trains no more)."""
+    from toolkit.engine.tracking import read_metrics
+
+    logged = [m for m in read_metrics(output_dir) if m.get("step", 0) <= state["step"]]
+    past: dict = {}
+    initial = state.get("initial_eval") or {
+        k[len("eval_") :]: v for m in logged if m["step"] == 0 for k, v in m.items() if k.startswith("eval_")
+    }
+    if initial:
+        past["initial"] = initial
+    trained = [m for m in logged if "loss" in m and m["step"] > 0]
+    if trained:
+        past["train"] = {k: v for k, v in trained[-1].items() if k != "step"}
+    return past
+
+
 def train(job: Job, accelerator, resume: Path | None = None):
     t, objective = job.training, job.objective
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -269,7 +288,7 @@ def train(job: Job, accelerator, resume: Path | None = None):
         model = torch.compile(model)
 
     # ---- resume: the whole run state, then the data position that follows from the step --------
-    step, tokens_seen, elapsed = 0, 0, 0.0
+    step, tokens_seen, elapsed, saves = 0, 0, 0.0, 0
     skips = SkippedSteps(t.max_consecutive_nonfinite_steps)
     run_facts = {
         "world_size": world,
@@ -292,6 +311,16 @@ def train(job: Job, accelerator, resume: Path | None = None):
         accelerator.load_state(str(resume))
         step, tokens_seen, elapsed = state["step"], state["tokens_seen"], state.get("train_seconds", 0.0)
         skips.restore(state.get("skipped_steps", {}))
+        saves = state.get("save_sequence", 0)
+        planned = state.get("total_steps", steps)
+        if main and planned != steps:
+            print(
+                f"note: the run was planned for {planned} steps and now runs to {steps}: the learning-rate schedule "
+                f"({t.lr_scheduler_type}) is recomputed over {steps} steps, so at step {step} the learning rate is "
+                f"{scheduler.get_last_lr()[0]:.3g}"
+            )
+    if main:  # checkpoints not in this run's history (newer than the resumed one, invalid) go aside
+        checkpoint.set_aside(job.output_dir, resume)
     # ---- compute: model FLOPs per step (None if the objective does not count them), mfu --------
     if counts_flops:
         peak, peak_source = flops.device_peak(accelerator.device, t.peak_flops)
@@ -312,6 +341,8 @@ def train(job: Job, accelerator, resume: Path | None = None):
         )
 
     def save_checkpoint():
+        nonlocal saves
+        saves += 1  # the run's own save order: rotation keeps the newest of this history
         state = {
             **run_facts,
             "step": step,
@@ -321,8 +352,10 @@ def train(job: Job, accelerator, resume: Path | None = None):
             "optimizer_class": optimizer_name(optimizer),
             "skipped_steps": skips.state(),
             **({"train_flops": meter.total} if counts_flops else {}),
+            "total_steps": steps,
+            "initial_eval": history.get("initial", {}),  # the model card's "before" column, after a resume
         }
-        checkpoint.save(accelerator, job.output_dir, step, state, job.write_extras, t.save_total_limit)
+        checkpoint.save(accelerator, job.output_dir, step, state, job.write_extras, t.save_total_limit, seq=saves)
 
     history: dict = {}
     if evals is not None and t.eval_on_start and step == 0:
@@ -330,6 +363,10 @@ def train(job: Job, accelerator, resume: Path | None = None):
         log.log(
             0, {f"eval_{k}": v for k, v in history["initial"].items()} | ({"train_flops": 0.0} if counts_flops else {})
         )
+    if resume is not None:
+        history.update(resumed_history(state, job.output_dir))
+        if step >= steps and evals is not None:  # recovered at its final step: the final numbers again
+            history["eval"] = evaluate(model, objective, evals, accelerator)
 
     from tqdm.auto import tqdm
 

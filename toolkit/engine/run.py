@@ -21,11 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from toolkit.engine import checkpoint
+from toolkit.engine import checkpoint, outputs
 from toolkit.errors import ToolkitError
 
 RESULTS_FILE = "results.json"
-RUN_FILES = ("checkpoints", "metrics.jsonl", "runs")  # what makes a folder hold a run
 
 
 @dataclass
@@ -82,8 +81,7 @@ def run(
     t = training if training is not None else recipe.training
     out = Path(output_dir if output_dir is not None else recipe.output_dir)
     # ---- every check that can fail on user input runs before any work or any file is written -------
-    resume = checkpoint.resolve_resume(out, t.resume_from_checkpoint)
-    check_output_dir(out, resume, t.overwrite_output_dir)
+    resume = outputs.prepare(out, t)  # writable, the checkpoint to resume from, no mixing of runs
     if checks is not None:
         checks()
 
@@ -155,26 +153,13 @@ def draw_report(out: Path) -> Path | None:
         return None
 
 
-def check_output_dir(out: Path, resume: Path | None, overwrite: bool) -> None:
-    """A new run must not silently mix with an old one in the same folder."""
-    if resume is not None or not out.exists():
-        return
-    if out.is_file():
-        raise ToolkitError(f"output_dir '{out}' is a file: choose a folder")
-    owned = [p for p in RUN_FILES if (out / p).exists()]
-    if owned and not overwrite:
-        raise ToolkitError(
-            f"output_dir '{out}' already holds a run: continue it with training.resume_from_checkpoint=auto, "
-            "start over with training.overwrite_output_dir=true, or choose another output_dir"
-        )
-
-
 def publish(out: Path, write: Callable[[Path], None]) -> None:
     """Write the final files into a temporary folder, then move them into place (main process only)."""
     tmp = out / ".tmp-final"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write(tmp)
+    checkpoint.follow_umask(tmp)  # safetensors writes its files 0600
     for entry in sorted(tmp.iterdir()):
         target = out / entry.name
         if target.is_dir():

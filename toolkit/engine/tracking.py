@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from toolkit.errors import ToolkitError, check_choice
@@ -45,7 +46,7 @@ class MetricsLog:
             if resume_step is None:
                 self.path.unlink(missing_ok=True)
             elif self.path.is_file():  # drop what a crashed run logged after its last checkpoint
-                kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+                kept = [json.dumps(m) for m in read_metrics(output_dir) if m["step"] <= resume_step]
                 self.path.write_text("".join(ln + "\n" for ln in kept))
 
     def log(self, step: int, values: dict) -> None:
@@ -57,5 +58,26 @@ class MetricsLog:
 
 
 def read_metrics(output_dir: str | Path) -> list[dict]:
+    """The logged lines. A torn last line (a crash in mid-write) is skipped with a warning; a bad line
+    elsewhere is an error that names it."""
+    from toolkit.errors import ToolkitError
+
     path = Path(output_dir) / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln] if path.is_file() else []
+    if not path.is_file():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    rows = []
+    for i, ln in enumerate(lines, 1):
+        if not ln.strip():
+            continue
+        try:
+            row = json.loads(ln)
+            if not isinstance(row, dict) or "step" not in row:
+                raise ValueError("not a metrics line")
+        except ValueError:
+            if i == len(lines):
+                print(f"note: {path}: skipped a torn last line ({ln[:40]!r}), written during a crash", file=sys.stderr)
+                continue
+            raise ToolkitError(f"{path} line {i} is not a JSON metrics line: fix or delete that line") from None
+        rows.append(row)
+    return rows

@@ -223,6 +223,11 @@ class FinetuneRecipe:
     prompt: PromptArgs = field(default_factory=PromptArgs)
     compare: CompareArgs = field(default_factory=CompareArgs)
 
+    @staticmethod
+    def yield_to_overrides(data: dict, overrides: dict) -> dict:
+        """Your own files on the command line replace the recipe file's built-in task."""
+        return drop_builtin_task_when_files_given(data, overrides)
+
     def derived_defaults(self) -> dict:
         """Defaults that depend on other fields: the mode's usual learning rate when none is given; the
         built-in task's cloze prompt."""
@@ -341,3 +346,15 @@ def _dotted(tree: dict, prefix: str = "") -> list[str]:
 
 
 RECIPE_CLASSES.append(FinetuneRecipe)
+
+
+def drop_builtin_task_when_files_given(data: dict, overrides: dict) -> dict:
+    """The recipe file's built-in `task.name` gives way to the user's own files: when `overrides`
+    (nested, as parsed from the command line) set task.train_file but not task.name, the copy of the
+    recipe `data` returned has no task.name (the README's `finetune-lora.yaml task.train_file=...`).
+    A recipe file that names both is still refused by `validate()`. Called by the resolver before
+    merging the overrides into the recipe."""
+    task = (overrides or {}).get("task") or {}
+    if not task.get("train_file") or "name" in task or not (data.get("task") or {}).get("name"):
+        return data
+    return {**data, "task": {k: v for k, v in data["task"].items() if k != "name"}}

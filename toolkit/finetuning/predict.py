@@ -53,7 +53,17 @@ def load_finetuned(path: str | Path):
         if peft_config.peft_type == PeftType.PREFIX_TUNING:
             support_prefix_tuning(model)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), trust_remote_code=remote)
+        model, report = AutoModelForSequenceClassification.from_pretrained(
+            str(path), trust_remote_code=remote, output_loading_info=True
+        )
+        if report["missing_keys"]:  # a new, random head: its labels would mean nothing
+            from toolkit.evaluation import _names
+
+            raise ToolkitError(
+                f"'{path}' is a {', '.join(config.architectures or ['model'])}, not a fine-tuned classifier: its "
+                f"classification weights ({_names(report['missing_keys'])}) are missing, so predictions would come "
+                "from a random head; fine-tune it first (`toolkit finetune`) and predict with that output_dir"
+            )
     return model.eval(), load_model_tokenizer(str(path)), recipe
 
 
@@ -189,10 +199,14 @@ def predict(
             labels = torch.tensor([float(v) for v in values])
         else:
             strings = label_strings(table.features[label_field], values)
-            if all(s in config.label2id for s in strings):
-                labels = torch.tensor([config.label2id[s] for s in strings])
-            else:
-                labels = None
-        if labels is not None:
-            scores = task_metrics.compute("regression" if regression else "classification", logits, labels)
+            unseen = sorted({s for s in strings if s not in config.label2id})
+            if unseen:
+                raise ToolkitError(
+                    f"column '{label_field}' of '{file}' holds labels the model does not know "
+                    f"({', '.join(map(repr, unseen[:5]))}{' ...' if len(unseen) > 5 else ''}; it knows "
+                    f"{', '.join(map(repr, config.label2id))}), so no metrics can be computed; the predictions "
+                    f"are in {out}: rename or drop that column to predict without metrics"
+                )
+            labels = torch.tensor([config.label2id[s] for s in strings])
+        scores = task_metrics.compute("regression" if regression else "classification", logits, labels)
     return out, scores

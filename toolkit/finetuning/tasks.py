@@ -126,7 +126,9 @@ def read_table(spec: str, file_format: str | None, what: str):
         if "corresponds to no data" in str(e):  # a header without rows
             split = what.removeprefix("task.").removesuffix("_file")
             raise ToolkitError(f"the {split} split is empty: '{path}' has no rows") from None
-        raise ToolkitError(f"{what}: cannot read '{path}' as {fmt}: {str(e).splitlines()[0][:300]}") from None
+        from toolkit.data.corpus import unreadable
+
+        raise unreadable([str(path)], fmt, e, what) from None
 
 
 # ---- the task data ----------------------------------------------------------------------------------
