@@ -67,7 +67,7 @@ def evaluate_model(
     if report["missing_keys"]:  # newly initialised weights: a loss from them would mean nothing
         raise ToolkitError(
             f"'{model}' is a {', '.join(config.architectures or ['model without a recorded architecture'])}, not a "
-            f"{'causal' if causal else 'masked'} language model: its LM head ({_names(report['missing_keys'])}) is "
+            f"{'causal' if causal else 'masked'} language model: its LM head ({weight_names(report['missing_keys'])}) is "
             "missing, so a loss or perplexity would come from random weights; `toolkit evaluate` needs a pretrained "
             "folder (the output_dir of `toolkit pretrain`); score a fine-tuned classifier with `toolkit predict`"
         )
@@ -88,6 +88,6 @@ def evaluate_model(
     return metrics
 
 
-def _names(keys: list[str], shown: int = 3) -> str:
+def weight_names(keys: list[str], shown: int = 3) -> str:
     keys = sorted(keys)
     return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")

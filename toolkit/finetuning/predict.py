@@ -57,11 +57,11 @@ def load_finetuned(path: str | Path):
             str(path), trust_remote_code=remote, output_loading_info=True
         )
         if report["missing_keys"]:  # a new, random head: its labels would mean nothing
-            from toolkit.evaluation import _names
+            from toolkit.evaluation import weight_names
 
             raise ToolkitError(
                 f"'{path}' is a {', '.join(config.architectures or ['model'])}, not a fine-tuned classifier: its "
-                f"classification weights ({_names(report['missing_keys'])}) are missing, so predictions would come "
+                f"classification weights ({weight_names(report['missing_keys'])}) are missing, so predictions would come "
                 "from a random head; fine-tune it first (`toolkit finetune`) and predict with that output_dir"
             )
     return model.eval(), load_model_tokenizer(str(path)), recipe
