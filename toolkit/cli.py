@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 
 MODES = "frozen, full, prompt, prefix, ptuning, lora, qlora"
-TASKS = "movie-sentiment, movie-rating, sms-spam"
+TASKS = "movie-sentiment, movie-rating, sms-spam, question-type, amazon-sentiment, nyt-sentiment, tweet-sentiment"
 
 
 @dataclass(frozen=True)
