@@ -55,6 +55,17 @@ class TrainingArgs:
 
     max_steps: int = help_field("Optimizer steps to train for; -1 means use num_train_epochs.", default=-1)
     num_train_epochs: float = help_field("Epochs to train for when max_steps is -1.", default=1.0)
+    max_flops: float | None = help_field(
+        "Training budget in model FLOPs (e.g. 1e15), instead of max_steps/num_train_epochs: the run stops at the "
+        "first step at which train_flops >= max_flops. The schedule is sized to the budget: max_flops over the mean "
+        "FLOPs of the first (up to 8) steps' batches.",
+        default=None,
+    )
+    peak_flops: float | None = help_field(
+        "Peak FLOP/s of one device for the mfu metric; unset: the bf16 dense peak of a known GPU (H100, H200, "
+        "A100, L4, ...), or an fp32 matmul probe on CPU.",
+        default=None,
+    )
     per_device_train_batch_size: int = help_field("Sequences per process per micro-batch.", default=32)
     per_device_eval_batch_size: int = help_field("Sequences per process per evaluation batch.", default=64)
     gradient_accumulation_steps: int = help_field("Micro-batches summed into one optimizer step.", default=1)
@@ -98,7 +109,11 @@ class TrainingArgs:
     overwrite_output_dir: bool = help_field(
         "Allow starting a fresh run in an output_dir that already holds one.", default=False
     )
-    report_to: list = help_field("Trackers: tensorboard, or [] for none.", default_factory=lambda: ["tensorboard"])
+    report_to: list = help_field(
+        "Trackers (accelerate's): tensorboard, mlflow, wandb, comet_ml, aim, clearml, dvclive, swanlab, trackio; "
+        "[] for none. Each needs its package installed.",
+        default_factory=lambda: ["tensorboard"],
+    )
     torch_compile: bool = help_field("Compile the model with torch.compile.", default=False)
     dataloader_num_workers: int = help_field("DataLoader worker processes.", default=0)
     group_by_length: bool = help_field(
@@ -109,8 +124,18 @@ class TrainingArgs:
         """Rules on the training section alone (shared by every command)."""
         from toolkit.engine.optim import OPTIMIZERS, SCHEDULERS
 
-        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+        if self.max_flops is not None:
+            if self.max_flops <= 0:
+                raise ToolkitError(f"training.max_flops must be positive (got {self.max_flops}), e.g. 1e15")
+            if self.max_steps > 0:
+                raise ToolkitError(
+                    "training.max_flops and training.max_steps both set the length of the run: keep one "
+                    "(max_steps=-1 with max_flops)"
+                )
+        elif self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ToolkitError("set training.max_steps > 0 or training.num_train_epochs > 0")
+        if self.peak_flops is not None and self.peak_flops <= 0:
+            raise ToolkitError(f"training.peak_flops must be positive FLOP/s (got {self.peak_flops}), e.g. 989e12")
         for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, key) < 1:
                 raise ToolkitError(f"training.{key} must be at least 1 (got {getattr(self, key)})")
@@ -134,8 +159,9 @@ class TrainingArgs:
             )
         if not 0 <= self.warmup_ratio < 1:
             raise ToolkitError("training.warmup_ratio must be in [0, 1)")
-        for tracker in self.report_to:
-            check_choice("training.report_to", tracker, ("tensorboard",))
+        from toolkit.engine.tracking import check_trackers
+
+        check_trackers(self.report_to)
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ initialisation from a subset of the teacher's layers), or a smaller config from
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import torch
@@ -25,9 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolkit.data.examples import PaddedExamples
+from toolkit.engine import flops
 from toolkit.errors import ToolkitError
-from toolkit.finetuning.objective import SequenceClassifier
-from toolkit.objectives.mlm import MaskedLM, masked_lm_logits, token_loss
+from toolkit.finetuning.objective import HEAD_MODULES, SequenceClassifier
+from toolkit.objectives.mlm import MaskedLM, masked_lm_logits, mlm_flop_shapes, token_loss
 
 # Config keys whose change alters weight shapes: a student with such overrides starts from random weights.
 SHAPE_KEYS = ("hidden_size", "num_attention_heads", "intermediate_size", "vocab_size", "embedding_size", "n_embd")
@@ -70,6 +72,19 @@ class ClassificationDistiller(SequenceClassifier):
         n = super().counts(batch)["task"]
         return {"task": n, "kd": n}
 
+    @functools.cached_property
+    def teacher_shapes(self) -> tuple[flops.Stack, int]:
+        teacher = self.teacher.model
+        return flops.stack_of(teacher, skip=HEAD_MODULES), flops.matmul_weights(teacher) - flops.matmul_weights(
+            teacher, skip=HEAD_MODULES
+        )
+
+    def flops(self, batch):
+        """The student's training pass and the teacher's forward pass (its head once per sequence)."""
+        stack, head = self.teacher_shapes
+        sequences, length, _ = flops.batch_shape(batch)
+        return super().flops(batch) + flops.forward(stack, sequences, length) + flops.dense(head, sequences, 2)
+
     def forward(self, batch):
         student = self.logits(batch).float()
         losses, stats = self.score(student, batch["labels"])
@@ -104,6 +119,19 @@ class MaskedLMDistiller(MaskedLM):
     def counts(self, batch):
         n = (batch["labels"] != -100).sum()
         return {"mlm": n, "kd": n}
+
+    @functools.cached_property
+    def teacher_shapes(self):
+        return mlm_flop_shapes(self.teacher.model)
+
+    def flops(self, batch):
+        """The student's training pass and the teacher's forward pass (its head at the masked positions)."""
+        stack, head, pooler = self.teacher_shapes
+        sequences, length, masked = flops.batch_shape(batch)
+        teacher = (
+            flops.forward(stack, sequences, length) + flops.dense(head, masked, 2) + flops.dense(pooler, sequences, 2)
+        )
+        return super().flops(batch) + teacher
 
     def forward(self, batch):
         ids, labels, types = batch["input_ids"], batch["labels"], batch.get("token_type_ids")

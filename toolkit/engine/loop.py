@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 
 from toolkit.data.loader import GlobalBatchSampler, ShardSampler, make_loader
-from toolkit.engine import checkpoint, distributed
+from toolkit.engine import checkpoint, distributed, flops
 from toolkit.engine.memory import enable_gradient_checkpointing
 from toolkit.engine.optim import innermost_optimizer, make_optimizer, make_scheduler, optimizer_name
 from toolkit.engine.precision import SkippedSteps, upcast_trainable_params
 from toolkit.engine.tracking import MetricsLog
 from toolkit.errors import ToolkitError
+from toolkit.objectives.base import Objective
 
 
 @dataclass
@@ -87,6 +88,21 @@ def total_steps(t, batches_per_epoch: int) -> int:
     return max(1, math.ceil(t.num_train_epochs * batches_per_epoch / t.gradient_accumulation_steps))
 
 
+def budget_steps(job: Job, accelerator, sampler, loader, collator) -> int:
+    """Optimizer steps that training.max_flops buys, for the schedule and the progress bar: the
+    budget over the mean FLOPs of the first steps (at most 8; their micro-batches are collated and
+    counted on every process, nothing runs). The run itself stops when the budget is spent, so a
+    schedule sized from steps that differ from the rest (examples of varying length) ends a little
+    before or after it; with fixed-length blocks the two meet within a step."""
+    accum = job.training.gradient_accumulation_steps
+    probe = MicroBatches(sampler, loader, collator, start=0)
+    steps = min(8, len(sampler) // accum)
+    local = torch.tensor(
+        sum(job.objective.flops(next(probe)) for _ in range(steps * accum)) / steps, dtype=torch.float64
+    )
+    return flops.schedule_steps(job.training.max_flops, reduce_totals(accelerator, {"flops": local})["flops"])
+
+
 class MicroBatches:
     """Endless stream of this process's micro-batches, starting at any position (for resume)."""
 
@@ -112,6 +128,9 @@ class MicroBatches:
 
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+_FLOPS = "\0flops"  # the step's FLOPs beside the loss counts in one reduction (no loss has this name)
 
 
 def reduce_totals(accelerator, totals: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -217,9 +236,18 @@ def train(job: Job, accelerator, resume: Path | None = None):
             f"({t.per_device_train_batch_size} x {world} processes x {accum} accumulation steps): add text or "
             "lower training.per_device_train_batch_size / gradient_accumulation_steps"
         )
-    steps = total_steps(t, len(sampler))
     collator = objective.make_collator(job.tokenizer, t.seed)
     loader = make_loader(dataset, sampler, collator, t.dataloader_num_workers)
+    counts_flops = type(objective).flops is not Objective.flops  # the objective counts its FLOPs
+    if t.max_flops is not None and not counts_flops:
+        raise ToolkitError(
+            f"training.max_flops needs the FLOPs of a step, which objective '{objective.name}' does not count: "
+            "use training.max_steps or num_train_epochs"
+        )
+    if t.max_flops is None:
+        steps = total_steps(t, len(sampler))
+    else:  # a FLOP budget: the schedule's length estimated from the first steps' batches
+        steps = budget_steps(job, accelerator, sampler, loader, collator)
     evals = eval_loader(job, accelerator, t.seed)
 
     # ---- model, optimizer and schedule, wrapped for the launch (DDP, DeepSpeed, FSDP) ----------
@@ -261,6 +289,12 @@ def train(job: Job, accelerator, resume: Path | None = None):
         accelerator.load_state(str(resume))
         step, tokens_seen, elapsed = state["step"], state["tokens_seen"], state.get("train_seconds", 0.0)
         skips.restore(state.get("skipped_steps", {}))
+    # ---- compute: model FLOPs per step (None if the objective does not count them), mfu --------
+    if counts_flops:
+        peak, peak_source = flops.device_peak(accelerator.device, t.peak_flops)
+        if peak is None and main:
+            print(f"mfu: not logged ({peak_source}): set training.peak_flops to the device's peak FLOP/s")
+        meter = flops.FlopMeter(peak, world, total=state.get("train_flops", 0.0) if resume is not None else 0.0)
     if accelerator.trackers == [] and t.report_to:
         accelerator.init_trackers(job.name, config=job.tracker_config)
     log = MetricsLog(job.output_dir, accelerator, resume_step=step if resume is not None else None)
@@ -269,7 +303,9 @@ def train(job: Job, accelerator, resume: Path | None = None):
         print(
             f"training: {steps} steps, {distributed.describe(accelerator)}, {optimizer_name(optimizer)}, global batch "
             f"{t.per_device_train_batch_size * world * accum} x {objective.describe_example(job.train_data)}, "
-            f"{len(sampler) // accum} steps per epoch" + (f", resumed at step {step}" if step else "")
+            f"{len(sampler) // accum} steps per epoch"
+            + (f", resumed at step {step}" if step else "")
+            + (f", a budget of {t.max_flops:.3g} FLOPs (about {steps} steps)" if t.max_flops is not None else "")
         )
 
     def save_checkpoint():
@@ -281,13 +317,16 @@ def train(job: Job, accelerator, resume: Path | None = None):
             "train_seconds": elapsed,
             "optimizer_class": optimizer_name(optimizer),
             "skipped_steps": skips.state(),
+            **({"train_flops": meter.total} if counts_flops else {}),
         }
         checkpoint.save(accelerator, job.output_dir, step, state, job.write_extras, t.save_total_limit)
 
     history: dict = {}
     if evals is not None and t.eval_on_start and step == 0:
         history["initial"] = evaluate(model, objective, evals, accelerator, t.max_eval_batches)
-        log.log(0, {f"eval_{k}": v for k, v in history["initial"].items()})
+        log.log(
+            0, {f"eval_{k}": v for k, v in history["initial"].items()} | ({"train_flops": 0.0} if counts_flops else {})
+        )
 
     from tqdm.auto import tqdm
 
@@ -297,14 +336,24 @@ def train(job: Job, accelerator, resume: Path | None = None):
     grad_norms: list[float] = []  # the same on every process: norms of synchronised gradients
     interval_seconds, interval_tokens = 0.0, 0  # training time only: evaluation and saving excluded
     interval_skips = {"nonfinite": 0, "scaler": 0}  # skipped optimizer steps since the last log line
-    while step < steps:
+
+    def finished() -> bool:  # a FLOP budget ends at the first step that spends it; else the step count
+        return meter.total >= t.max_flops if t.max_flops is not None else step >= steps
+
+    while not finished():
         step_start = time.perf_counter()
         # 1. one optimizer step of micro-batches; loss items counted over every process
         micro = [to_device(next(stream), accelerator.device) for _ in range(accum)]
         counts: dict = {}
         for batch in micro:
             add_into(counts, "", objective.counts(batch))
-        global_counts = {k: max(v, 1.0) for k, v in reduce_totals(accelerator, counts).items()}
+        # the step's FLOPs travel with the counts (one collective): batches differ between processes
+        if counts_flops:
+            counts[_FLOPS] = torch.tensor(sum(objective.flops(b) for b in micro), dtype=torch.float64)
+        global_counts = reduce_totals(accelerator, counts)
+        counts.pop(_FLOPS, None)
+        step_flops = global_counts.pop(_FLOPS, 0.0)
+        global_counts = {k: max(v, 1.0) for k, v in global_counts.items()}
 
         # 2. forward/backward; DDP averages gradients over processes, hence the factor world.
         #    A nan/inf loss on any process skips the step everywhere, decided before the step's one
@@ -347,10 +396,13 @@ def train(job: Job, accelerator, resume: Path | None = None):
         seconds = time.perf_counter() - step_start
         interval_seconds += seconds
         elapsed += seconds
+        if counts_flops:  # a skipped step counts too: its forward and backward ran
+            meter.add(step_flops, seconds)
+        last = finished()
         bar.update(1)
 
         # 4. log, evaluate and checkpoint when due
-        if step % t.logging_steps == 0 or step == steps:
+        if step % t.logging_steps == 0 or last:
             totals = reduce_totals(accelerator, interval)
             values = objective.metrics(totals)
             values.update(
@@ -359,6 +411,8 @@ def train(job: Job, accelerator, resume: Path | None = None):
                 tokens_seen=tokens_seen,
                 epoch=step * accum / len(sampler),
             )
+            if counts_flops:
+                values.update(meter.interval())  # step_flops, train_flops, mfu
             if grad_norms:
                 values["grad_norm"] = sum(grad_norms) / len(grad_norms)
             if interval_skips["nonfinite"] or interval_skips["scaler"]:
@@ -368,11 +422,14 @@ def train(job: Job, accelerator, resume: Path | None = None):
             history["train"] = values
             interval, grad_norms, interval_seconds, interval_tokens = {}, [], 0.0, 0
             interval_skips = {"nonfinite": 0, "scaler": 0}
-        if evals is not None and ((t.eval_steps and step % t.eval_steps == 0) or step == steps):
+        if evals is not None and ((t.eval_steps and step % t.eval_steps == 0) or last):
             history["eval"] = evaluate(model, objective, evals, accelerator, t.max_eval_batches)
             # training seconds so far (evaluation and checkpoints are off the clock), for accuracy-vs-time plots
-            log.log(step, {**{f"eval_{k}": v for k, v in history["eval"].items()}, "train_seconds": elapsed})
-        if (t.save_steps and step % t.save_steps == 0) or step == steps:
+            flops_so_far = {"train_flops": meter.total} if counts_flops else {}  # for loss-against-compute plots
+            log.log(
+                step, {**{f"eval_{k}": v for k, v in history["eval"].items()}, "train_seconds": elapsed, **flops_so_far}
+            )
+        if (t.save_steps and step % t.save_steps == 0) or last:
             save_checkpoint()
     bar.close()
     history.update(
@@ -384,5 +441,6 @@ def train(job: Job, accelerator, resume: Path | None = None):
         optimizer=optimizer_name(optimizer),
         skipped_nonfinite_steps=skips.nonfinite,
         skipped_loss_scaler_steps=skips.loss_scaler,
+        **({"train_flops": meter.total} if counts_flops else {}),
     )
     return history, model  # the prepared model: the final save gathers sharded weights from it

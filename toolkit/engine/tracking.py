@@ -1,10 +1,40 @@
-"""Metrics to `metrics.jsonl` in the output folder and to Accelerate's trackers (TensorBoard)."""
+"""Metrics to `metrics.jsonl` in the output folder and to Accelerate's trackers (TensorBoard,
+MLflow, Weights & Biases, ...: `training.report_to`)."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+
+from toolkit.errors import ToolkitError, check_choice
+
+# accelerate's tracker names (accelerate.tracking.LOGGER_TYPE_TO_CLASS) -> the pip package each needs
+TRACKERS = {
+    "tensorboard": "tensorboard",
+    "mlflow": "mlflow",
+    "wandb": "wandb",
+    "comet_ml": "comet-ml",
+    "aim": "aim",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "swanlab": "swanlab",
+    "trackio": "trackio",
+}
+
+
+def check_trackers(names: list) -> None:
+    """Refuse an unknown tracker name, and a known one whose package is not installed (accelerate
+    would otherwise drop it with a warning, or fail at the first log line)."""
+    import accelerate.utils
+
+    for name in names:
+        check_choice("training.report_to", name, tuple(TRACKERS))
+        if not getattr(accelerate.utils, f"is_{name}_available")():
+            raise ToolkitError(
+                f"training.report_to lists '{name}', but its package is not installed: pip install {TRACKERS[name]} "
+                "(or remove it from training.report_to)"
+            )
 
 
 class MetricsLog:

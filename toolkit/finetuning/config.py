@@ -154,7 +154,11 @@ class FinetuneTrainingArgs(TrainingArgs):
     )
     num_train_epochs: float = help_field("Epochs to train for when max_steps is -1.", default=3.0)
     warmup_ratio: float = help_field("Warmup as a fraction of all steps.", default=0.1)
-    report_to: list = help_field("Trackers: tensorboard, or [] for none.", default_factory=list)
+    report_to: list = help_field(
+        "Trackers (accelerate's): tensorboard, mlflow, wandb, comet_ml, aim, clearml, dvclive, swanlab, trackio; "
+        "[] for none. Each needs its package installed.",
+        default_factory=list,
+    )
 
 
 @dataclass

@@ -9,12 +9,14 @@ gathers from every process for the metrics that need all predictions (F1, MCC, c
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
 import torch.nn.functional as F
 
 from toolkit.data.examples import PaddedExamples, Passthrough
+from toolkit.engine import flops
 from toolkit.finetuning import metrics as task_metrics
 from toolkit.finetuning.heads import head_logits
 from toolkit.objectives.base import Objective
@@ -44,6 +46,32 @@ class SequenceClassifier(Objective):
         return int(batch["attention_mask"].sum())
 
     # ---- the step -------------------------------------------------------------------------------
+    @functools.cached_property
+    def flop_shapes(self) -> tuple[flops.Stack, int, int]:
+        """(encoder stack, trained head weights, frozen head weights). The head (pooler, classifier,
+        score) runs once per sequence. Left out: PEFT's inactive copy of the head (`original_module`)
+        and P-tuning's prompt encoder (a small network run on the virtual tokens only)."""
+        copies = ("original_module", "prompt_encoder")
+        body = flops.stack_of(self.model, skip=HEAD_MODULES + copies)
+        head = flops.matmul_weights(self.model, copies, trained=True) - body.trained
+        return body, head, flops.matmul_weights(self.model, copies, trained=False) - body.frozen
+
+    def flops(self, batch):
+        """Frozen base weights (PEFT modes) count 4x: gradients flow through them to the adapters or
+        the prompt below (the layers under the lowest adapter run forward only: a small overcount).
+        Prompt tuning and P-tuning lengthen every sequence by the virtual tokens; prefix tuning adds
+        them as attention keys only."""
+        body, head, frozen_head = self.flop_shapes
+        sequences, length, _ = flops.batch_shape(batch)
+        mode = getattr(self.args, "mode", "full")
+        virtual = getattr(self.args, "num_virtual_tokens", 0)
+        keys = None
+        if mode in ("prompt", "ptuning"):
+            length += virtual
+        elif mode == "prefix":
+            keys = length + virtual
+        return flops.sequence_classification(body, head, sequences, length, keys, frozen_head)
+
     def logits(self, batch: dict) -> torch.Tensor:
         inputs = {k: batch[k] for k in PaddedExamples.COLUMNS if k in batch}
         return self.model(**inputs).logits
@@ -95,6 +123,7 @@ class SequenceClassifier(Objective):
         return [g for g in ordered if g["params"]]
 
 
+HEAD_MODULES = ("pre_classifier", "classifier", "score", "pooler")  # modules run once per sequence
 _LAYER = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
 
 
@@ -122,3 +151,8 @@ class FrozenHead(SequenceClassifier):
 
     def logits(self, batch: dict) -> torch.Tensor:
         return head_logits(self.model, batch["features"])
+
+    def flops(self, batch):
+        """The head alone, once per cached feature vector (its first layer computes no input
+        gradient: counted 6x, a small overcount)."""
+        return flops.dense(flops.matmul_weights(self.model, trained=True), batch["features"].shape[0])

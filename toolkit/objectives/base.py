@@ -144,6 +144,12 @@ class Objective(nn.Module):
         """Tokens in a micro-batch, for the tokens-per-second log."""
         return batch["input_ids"].numel()
 
+    def flops(self, batch: dict) -> float | None:
+        """Model FLOPs of one training forward and backward pass on `batch`, counted from what
+        `forward` runs (`toolkit.engine.flops`); None when not known: the run then logs no FLOPs
+        and refuses training.max_flops."""
+        return None
+
     def forward(self, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         raise NotImplementedError
 

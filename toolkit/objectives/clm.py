@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch.nn.functional as F
 
 from toolkit.data.collators import CausalLMCollator
+from toolkit.engine import flops
 from toolkit.objectives.base import Objective, perplexity
 
 
@@ -20,6 +23,16 @@ class CausalLM(Objective):
     def counts(self, batch):
         ids = batch["input_ids"]
         return {"clm": ids.new_tensor(ids.shape[0] * (ids.shape[1] - 1))}
+
+    @functools.cached_property
+    def flop_shapes(self):
+        head = self.model.get_output_embeddings()
+        return flops.stack_of(self.model.base_model), flops.matmul_weights(head)
+
+    def flops(self, batch):
+        stack, head = self.flop_shapes  # the vocabulary projection runs at every position
+        sequences, length, _ = flops.batch_shape(batch)
+        return flops.causal_lm(stack, head, sequences, length)
 
     def forward(self, batch):
         ids = batch["input_ids"]

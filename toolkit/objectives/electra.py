@@ -32,15 +32,17 @@ at `output_dir/generator` (`AutoModelForMaskedLM`). Both come with the tokenizer
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from toolkit.data.collators import ReplacedTokenCollator
+from toolkit.engine import flops
 from toolkit.errors import ToolkitError
 from toolkit.objectives.base import Objective, perplexity, strip_prefix
-from toolkit.objectives.mlm import masked_lm_logits, token_loss
+from toolkit.objectives.mlm import masked_lm_logits, mlm_flop_shapes, token_loss
 
 _USAGE = """import torch
 from transformers import AutoTokenizer, ElectraForPreTraining, pipeline
@@ -192,6 +194,18 @@ class ReplacedTokenDetection(Objective):
         corrupted[selected] = sampled
         original = torch.where(selected, labels, ids)
         return logits, corrupted, corrupted != original
+
+    @functools.cached_property
+    def flop_shapes(self):
+        generator, generator_head, _ = mlm_flop_shapes(self.generator)
+        discriminator = flops.stack_of(self.model.electra, extra=self.model.discriminator_predictions)
+        return generator, generator_head, discriminator
+
+    def flops(self, batch):
+        # Both networks train; the Gumbel-max sampling reuses the generator's logits (no extra pass).
+        generator, generator_head, discriminator = self.flop_shapes
+        sequences, length, masked = flops.batch_shape(batch)
+        return flops.replaced_token_detection(generator, generator_head, discriminator, sequences, length, masked)
 
     def forward(self, batch):
         selected = batch["labels"] != -100

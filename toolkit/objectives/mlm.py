@@ -7,10 +7,13 @@ away by the loss anyway. Where the architecture's head is not known, the full mo
 
 from __future__ import annotations
 
+import functools
+
 import torch.nn.functional as F
 from torch import nn
 
 from toolkit.data.collators import MaskedLMCollator
+from toolkit.engine import flops
 from toolkit.objectives.base import Objective, perplexity
 
 
@@ -24,6 +27,16 @@ def mlm_parts(model: nn.Module):
     if kind == "electra" and hasattr(model, "generator_lm_head"):
         return model.electra, nn.Sequential(model.generator_predictions, model.generator_lm_head)
     return None, None
+
+
+def mlm_flop_shapes(model: nn.Module) -> tuple[flops.Stack, int, int]:
+    """(encoder stack, masked-LM head weights, unread pooler weights) for `flops.masked_lm`. Where the
+    head is not known the whole model runs at every position (`masked_lm_logits`), so all of it is
+    the stack."""
+    encoder, head = mlm_parts(model)
+    if encoder is None:
+        return flops.stack_of(model, skip=()), 0, 0
+    return flops.stack_of(encoder), flops.matmul_weights(head), flops.matmul_weights(getattr(encoder, "pooler", None))
 
 
 def masked_lm_logits(model: nn.Module, input_ids, labels, token_type_ids=None, attention_mask=None):
@@ -64,6 +77,15 @@ class MaskedLM(Objective):
 
     def counts(self, batch):
         return {"mlm": (batch["labels"] != -100).sum()}
+
+    @functools.cached_property
+    def flop_shapes(self):
+        return mlm_flop_shapes(self.model)
+
+    def flops(self, batch):
+        stack, head, pooler = self.flop_shapes
+        sequences, length, masked = flops.batch_shape(batch)
+        return flops.masked_lm(stack, head, sequences, length, masked, pooler)
 
     def forward(self, batch):
         loss, correct = masked_lm_loss(self.model, batch["input_ids"], batch["labels"], batch.get("token_type_ids"))

@@ -16,7 +16,10 @@ As in the masked-LM objective, the vocabulary projection runs only at the masked
 
 from __future__ import annotations
 
+import functools
+
 from toolkit.data.collators import MaskedLMCollator, PairCollator
+from toolkit.engine import flops
 from toolkit.errors import ToolkitError, check_choice
 from toolkit.objectives.base import Objective, perplexity
 from toolkit.objectives.mlm import token_loss
@@ -104,6 +107,22 @@ class NextSentencePrediction(Objective):
         if self.with_mlm:
             out["mlm"] = (batch["labels"] != -100).sum()
         return out
+
+    @functools.cached_property
+    def flop_shapes(self):
+        bert, heads = self.model.bert, self.model.cls
+        mlm_head = flops.matmul_weights(heads.predictions) if self.with_mlm else 0  # nsp alone never runs it
+        return (
+            flops.stack_of(bert),
+            flops.matmul_weights(bert.pooler),
+            flops.matmul_weights(heads.seq_relationship),
+            mlm_head,
+        )
+
+    def flops(self, batch):
+        stack, pooler, classifier, mlm_head = self.flop_shapes
+        sequences, length, masked = flops.batch_shape(batch)
+        return flops.next_sentence(stack, pooler, classifier, sequences, length, mlm_head, masked)
 
     def forward(self, batch):
         bert, heads = self.model.bert, self.model.cls
