@@ -64,6 +64,14 @@ def benchmark(model, suite=None, seeds=None, modes=None, output_dir=None, overri
     return _benchmark(model, suite, seeds, modes, output_dir, overrides)
 
 
+def study(recipe=None, overrides=None, **kwargs):
+    """Compare pretraining objectives at equal FLOPs on a task suite; returns the table (`.rows`,
+    `.summary()`); see `toolkit.studies.study`."""
+    from toolkit.studies import study as _study
+
+    return _study(recipe, overrides, **kwargs)
+
+
 def predict(model, file, output=None, **kwargs):
     """Label every row of a file with a fine-tuned folder; returns (output path, metrics)."""
     from toolkit.finetuning.predict import predict as _predict

@@ -62,6 +62,16 @@ RECIPE_VERBS = (
         dry_run="toolkit.finetuning.compare:describe_modes",
     ),
     RecipeVerb(
+        "study",
+        "compare pretraining objectives at equal compute on a task suite",
+        "Pretrain each of study.objectives (random init, mlm, mlm+nsp, rtd, clm) on the suite's training texts to "
+        "each fraction of study.max_flops, benchmark every checkpoint on the suite, and write study.md, study.csv "
+        "and study.png; a killed study continues where it stopped.",
+        "toolkit.studies:study",
+        "toolkit.studies:StudyRecipe",
+        "recipes/study-objectives.yaml",
+    ),
+    RecipeVerb(
         "compress",
         "quantize, prune or distill a model, with a size/speed/accuracy report",
         "Compress a model from a YAML recipe (compress.method: quantize, prune or distill) and write report.md, "
