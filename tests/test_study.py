@@ -7,7 +7,7 @@ import csv
 import random
 
 import pytest
-from conftest import TINY_MODEL, labelled_sentence, shakespeare_file
+from conftest import TINY_GPT, TINY_MODEL, labelled_sentence, shakespeare_file
 
 
 @pytest.fixture(scope="module")
