@@ -7,6 +7,7 @@ Python API (each returns the output folder and final metrics):
     tuned = toolkit.finetune("recipes/finetune-lora.yaml", model__model_name_or_path=str(result.output_dir))
     table = toolkit.compare("recipes/finetune-compare.yaml").table
     report = toolkit.compress("recipes/compress-quantize.yaml").table
+    scores = toolkit.benchmark(str(result.output_dir), seeds=1)  # the downstream task suite
 """
 
 import logging as _logging
@@ -55,6 +56,22 @@ def compress(recipe=None, overrides=None, **kwargs):
     return _compress(recipe, overrides, **kwargs)
 
 
+def benchmark(model, suite=None, seeds=None, modes=None, output_dir=None, overrides=None):
+    """Fine-tune a checkpoint on every task of a suite (default: recipes/suite-default.yaml) with several
+    seeds; returns the table (`.table`, `.rows`, `.summary()`); see `toolkit.benchmarking.benchmark`."""
+    from toolkit.benchmarking import benchmark as _benchmark
+
+    return _benchmark(model, suite, seeds, modes, output_dir, overrides)
+
+
+def study(recipe=None, overrides=None, **kwargs):
+    """Compare pretraining objectives at equal FLOPs on a task suite; returns the table (`.rows`,
+    `.summary()`); see `toolkit.studies.study`."""
+    from toolkit.studies import study as _study
+
+    return _study(recipe, overrides, **kwargs)
+
+
 def predict(model, file, output=None, **kwargs):
     """Label every row of a file with a fine-tuned folder; returns (output path, metrics)."""
     from toolkit.finetuning.predict import predict as _predict
@@ -69,4 +86,14 @@ def train_tokenizer(texts, kind="wordpiece", vocab_size=30522, **kwargs):
     return _train(texts, kind, vocab_size, **kwargs)
 
 
-__all__ = ["pretrain", "evaluate", "finetune", "compare", "compress", "predict", "train_tokenizer", "__version__"]
+__all__ = [
+    "pretrain",
+    "evaluate",
+    "finetune",
+    "compare",
+    "compress",
+    "benchmark",
+    "predict",
+    "train_tokenizer",
+    "__version__",
+]

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 
 MODES = "frozen, full, prompt, prefix, ptuning, lora, qlora, cloze"
-TASKS = "movie-sentiment, movie-rating, sms-spam"
+TASKS = "movie-sentiment, movie-rating, sms-spam, question-type, amazon-sentiment, nyt-sentiment, tweet-sentiment"
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,16 @@ RECIPE_VERBS = (
         dry_run="toolkit.finetuning.compare:describe_modes",
     ),
     RecipeVerb(
+        "study",
+        "compare pretraining objectives at equal compute on a task suite",
+        "Pretrain each of study.objectives (random init, mlm, mlm+nsp, rtd, clm) on the suite's training texts to "
+        "each fraction of study.max_flops, benchmark every checkpoint on the suite, and write study.md, study.csv "
+        "and study.png; a killed study continues where it stopped.",
+        "toolkit.studies:study",
+        "toolkit.studies:StudyRecipe",
+        "recipes/study-objectives.yaml",
+    ),
+    RecipeVerb(
         "compress",
         "quantize, prune or distill a model, with a size/speed/accuracy report",
         "Compress a model from a YAML recipe (compress.method: quantize, prune or distill) and write report.md, "
@@ -97,6 +108,14 @@ def _run_recipe(verb: RecipeVerb, args) -> None:
         print(text if text is not None else to_yaml(resolve(cls, args.recipe, args.overrides)), end="")
         return
     result = _load(verb.run)(args.recipe, overrides=args.overrides)
+    if os.environ.get("RANK", "0") == "0":
+        print(result.summary())
+
+
+def _benchmark(args) -> None:
+    from toolkit.benchmarking import benchmark
+
+    result = benchmark(args.model, args.suite, args.seeds, args.modes, args.output_dir, args.overrides)
     if os.environ.get("RANK", "0") == "0":
         print(result.summary())
 
@@ -153,6 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
             "--help-recipe", action="store_true", help="list every recipe key with its default and meaning, and stop"
         )
         p.set_defaults(func=lambda args, verb=verb: _run_recipe(verb, args))
+
+    p = sub.add_parser(
+        "benchmark",
+        help="fine-tune a checkpoint on a suite of tasks, several seeds",
+        description="Fine-tune MODEL (a checkpoint folder) on every task of a suite with the same settings and "
+        "several seeds, and write benchmark.md, .csv and .png: each task's test score (macro-F1; Pearson for "
+        "regression) and the suite mean, mean and spread over seeds. Finished runs are read, not redone. "
+        f"Built-in tasks: {TASKS}.",
+    )
+    p.add_argument("model", help="a checkpoint folder (or pkg://PACKAGE/path)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="fine-tuning recipe keys for every run")
+    p.add_argument("--suite", help="suite YAML (default: recipes/suite-default.yaml)")
+    p.add_argument("--seeds", type=int, help="seeds per task (default: the suite's, 3)")
+    p.add_argument("--modes", nargs="+", help="fine-tuning modes, e.g. frozen full (default: the suite's, full)")
+    p.add_argument("--output-dir", help="default: outputs/benchmark/<model folder name>")
+    p.set_defaults(func=_benchmark)
 
     p = sub.add_parser(
         "predict",

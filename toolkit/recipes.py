@@ -11,6 +11,8 @@ from toolkit.errors import ToolkitError
 # Which recipe class a YAML file is, by its top-level sections: (section, "module:Class"), imported
 # only when a file has that section; pretraining otherwise.
 RECIPE_KINDS: list[tuple[str, str]] = [
+    ("study", "toolkit.studies:StudyRecipe"),
+    ("tasks", "toolkit.benchmarking:Suite"),
     ("compress", "toolkit.compression.config:CompressRecipe"),
     ("finetune", "toolkit.finetuning.config:FinetuneRecipe"),
     ("task", "toolkit.finetuning.config:FinetuneRecipe"),

@@ -53,7 +53,8 @@ class TaskArgs:
     """Labelled data: a built-in task or your files (CSV, TSV, JSON, JSONL, Parquet, save_to_disk folders)."""
 
     name: str | None = help_field(
-        "A built-in task instead of files: movie-sentiment, movie-rating or sms-spam (listed in `toolkit finetune --help`).",
+        "A built-in task instead of files: movie-sentiment, movie-rating, sms-spam, question-type, "
+        "amazon-sentiment, nyt-sentiment or tweet-sentiment (listed in `toolkit finetune --help`).",
         default=None,
     )
     train_file: str | None = help_field(

