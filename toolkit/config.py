@@ -104,6 +104,12 @@ class TrainingArgs:
     group_by_length: bool = help_field(
         "Batch examples of similar length together (less padding) when the examples vary in length.", default=False
     )
+    tensor_parallel_size: int = help_field(
+        "Processes that split each layer's matrices (Megatron-style tensor parallelism on PyTorch DTensor): "
+        "attention heads and FFN units are divided among them. The launched processes must be a multiple of it; "
+        "the rest is data parallelism. 1 turns it off.",
+        default=1,
+    )
 
     def validate(self) -> None:
         """Rules on the training section alone (shared by every command)."""
@@ -126,6 +132,8 @@ class TrainingArgs:
             raise ToolkitError(
                 f"training.max_consecutive_nonfinite_steps must be at least 1 (got {self.max_consecutive_nonfinite_steps})"
             )
+        if self.tensor_parallel_size < 1:
+            raise ToolkitError(f"training.tensor_parallel_size must be at least 1 (got {self.tensor_parallel_size})")
         if self.logging_steps == 0:
             raise ToolkitError("training.logging_steps must be at least 1")
         if self.save_total_limit < 1:
@@ -527,7 +535,7 @@ def help_text(cls, prefix: str = "") -> list[tuple[str, str, Any]]:
     return rows
 
 
-def recipehelp_field(cls) -> str:
+def recipe_help(cls) -> str:
     """The recipe reference a command prints for `--help-recipe`: every key, its default and its help,
     grouped by section under the section's own description."""
     import textwrap
