@@ -59,8 +59,9 @@ def read_state(path: Path) -> dict:
     return json.loads((path / STATE_FILE).read_text())
 
 
-def save(accelerator, output_dir: str | Path, step: int, state: dict, write_extras, keep: int) -> Path:
-    """Save the run state at `step`. Every process must call this (sharded states save in parts)."""
+def save(accelerator, output_dir: str | Path, step: int, state: dict, write_extras, keep: int, shards=None) -> Path:
+    """Save the run state at `step`. Every process must call this (sharded states save in parts;
+    `shards(folder)` writes what accelerate does not hold, e.g. tensor-parallel model and optimizer shards)."""
     root = checkpoints_dir(output_dir)
     final = root / f"checkpoint-{step}"
     tmp = root / f".tmp-checkpoint-{step}"
@@ -69,6 +70,8 @@ def save(accelerator, output_dir: str | Path, step: int, state: dict, write_extr
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if shards is not None:
+        shards(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_extras(tmp)
