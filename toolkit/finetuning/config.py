@@ -153,7 +153,9 @@ class FinetuneArgs:
 
 @dataclass
 class PromptArgs:
-    """finetune.mode=cloze: the template the masked LM completes and the words that name the labels."""
+    """finetune.mode=cloze: the template the model completes and the words that name the labels. A masked
+    LM scores each label's word at {mask}; a causal LM (GPT-style) scores the likelihood of the label's
+    words after the template's text before {mask} (see toolkit/finetuning/causal.py)."""
 
     template: str | list | None = help_field(
         "Text with {text} (and {text_b} for pairs) and one {mask}, e.g. '{text} It was {mask}.'; a list of "
@@ -169,6 +171,16 @@ class PromptArgs:
     single_token: bool = help_field(
         "Refuse verbalizer words that are not one token of the vocabulary (instead of scoring their first piece).",
         default=False,
+    )
+    length_normalize: bool = help_field(
+        "Causal LMs: score a label word by the mean log-probability of its tokens instead of their sum (so "
+        "that long words are not penalised for their length).",
+        default=False,
+    )
+    demonstrations: int = help_field(
+        "Causal LMs: in-context examples before each prompt, drawn from the training split by training.seed and "
+        "rendered in the template with their true label's word (GPT-3 style); 0: none.",
+        default=0,
     )
     tune: str = help_field(
         "full (every weight of the masked LM, LM-BFF) or lora (LoRA adapters, finetune.lora_* keys); "
@@ -303,6 +315,10 @@ class FinetuneRecipe:
         if task.shots is not None and task.shots < 1:
             raise ToolkitError("task.shots must be at least 1 (examples per class), or null for all rows")
         check_choice("prompt.tune", self.prompt.tune, ("full", "lora"))
+        if not isinstance(self.prompt.demonstrations, int) or self.prompt.demonstrations < 0:
+            raise ToolkitError(
+                f"prompt.demonstrations={self.prompt.demonstrations!r} must be a whole number of examples (0: none)"
+            )
         if f.mode == "cloze":
             from toolkit.finetuning.cloze import check_prompt
 
