@@ -214,11 +214,24 @@ class FinetuneTrainingArgs(TrainingArgs):
 class CompareArgs:
     """`toolkit compare`: the modes run side by side on the same task, model and seed."""
 
-    modes: list = help_field("Modes to compare, in table order.", default_factory=lambda: ["frozen", "full", "prompt"])
+    modes: list = help_field(
+        "Rows of the comparison, in table order: modes (frozen, full, ...) or names of compare.variants.",
+        default_factory=lambda: ["frozen", "full", "prompt"],
+    )
     mode_overrides: dict = help_field(
-        "Per-mode recipe overrides, e.g. {frozen: {training.num_train_epochs: 10}}; they may not change the "
-        "model, the task or the seed.",
+        "Per-row recipe overrides (keyed by mode or variant name), e.g. {frozen: {training.num_train_epochs: 10}}; "
+        "they may not change the model, the task or the seed.",
         default_factory=dict,
+    )
+    variants: dict = help_field(
+        "Named rows: a name -> a mode plus overrides, so that one mode can appear in several rows, e.g. "
+        "{cloze-zero-shot: {finetune.mode: cloze, training.num_train_epochs: 0}}; list the name in compare.modes.",
+        default_factory=dict,
+    )
+    seeds: list = help_field(
+        "Run every row once per training.seed listed (e.g. [1, 2, 3, 4, 5] for K-shot runs, whose samples the seed "
+        "draws) and report the mean and spread; empty: one run at training.seed.",
+        default_factory=list,
     )
 
 
@@ -328,10 +341,14 @@ class FinetuneRecipe:
 
         if not self.compare.modes:
             raise ToolkitError("compare.modes is empty: list at least one mode, e.g. [frozen, full, prompt]")
+        check_variants(self.compare.variants)
         for mode in self.compare.modes:
-            check_choice("compare.modes", mode, MODES)
+            check_choice("compare.modes", mode, (*MODES, *self.compare.variants))
         if len(set(self.compare.modes)) != len(self.compare.modes):
             raise ToolkitError(f"compare.modes lists a mode twice: {self.compare.modes}")
+        seeds = self.compare.seeds
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds) or len(set(seeds)) != len(seeds):
+            raise ToolkitError(f"compare.seeds must be distinct whole numbers, e.g. [1, 2, 3], got {seeds}")
         for mode, extra in self.compare.mode_overrides.items():
             if mode not in self.compare.modes:
                 raise ToolkitError(
@@ -350,6 +367,34 @@ class FinetuneRecipe:
 
 SHARED_SECTIONS = ("model", "task", "output_dir", "compare")  # prompt may differ per mode
 SHARED_KEYS = ("training.seed", "finetune.mode")
+
+
+def check_variants(variants: dict) -> None:
+    """compare.variants: each name a new row (not a mode's name) with a mode and overrides that keep the
+    comparison's shared model, task and seed."""
+    if not isinstance(variants, dict):
+        raise ToolkitError(
+            "compare.variants must map names to overrides, e.g. {cloze-zero-shot: {finetune.mode: cloze}}"
+        )
+    for name, extra in variants.items():
+        if name in MODES:
+            raise ToolkitError(
+                f"compare.variants.{name} has the name of a mode: give the variant another name (e.g. {name}-2), or "
+                f"put its overrides in compare.mode_overrides.{name}"
+            )
+        if not isinstance(extra, dict):
+            raise ToolkitError(f"compare.variants.{name} must be a mapping of recipe keys to values")
+        keys = _dotted(normalize_overrides(extra))
+        mode = normalize_overrides(extra).get("finetune", {}).get("mode")
+        if mode is None:
+            raise ToolkitError(f"compare.variants.{name} sets no finetune.mode: say which mode the variant runs")
+        check_choice(f"compare.variants.{name}.finetune.mode", mode, MODES)
+        shared = [k for k in keys if k.split(".")[0] in SHARED_SECTIONS or k == "training.seed"]
+        if shared:
+            raise ToolkitError(
+                f"compare.variants.{name} changes {', '.join(shared)}: the rows of a comparison share the model, "
+                "task, seed and output_dir; change them for the whole recipe instead"
+            )
 
 
 def _dotted(tree: dict, prefix: str = "") -> list[str]:
