@@ -253,3 +253,25 @@ def test_fine_tuning_on_label_scores_learns_and_predict_matches(tmp_path, random
     out, scores = predict(result.output_dir, str(test_file), tmp_path / "p.csv")
     assert _predictions(out) == [row["prediction"] for row in rows]
     assert scores["accuracy"] == pytest.approx(result.metrics["test_accuracy"])
+
+
+def test_the_toolkits_own_gpt_pretraining_output_is_scored_as_a_causal_lm(tmp_path, corpus_dir, bpe_dir, sentiment):
+    """`toolkit pretrain` with objective clm writes a GPT2LMHeadModel: cloze picks the causal scorer for it
+    (a masked LM's scorer would need a mask token, which its tokenizer lacks), and predict agrees."""
+    from conftest import tiny_gpt_recipe
+
+    from toolkit.finetuning.predict import predict
+
+    gpt = tmp_path / "gpt"
+    toolkit.pretrain(tiny_gpt_recipe(gpt, corpus_dir, bpe_dir, max_steps=2, eval_on_start=False))
+    result = toolkit.finetune(recipe(tmp_path / "zs", gpt, sentiment, demonstrations=1))
+    prompt = json.loads((result.output_dir / "prompt.json").read_text())
+    assert prompt["model"] == "causal" and len(prompt["demonstrations"]) == 1
+    with (result.output_dir / "test_predictions.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    test_file = _write_csv(tmp_path / "test.csv", [(row["text"], row["label"]) for row in rows])
+    out, _ = predict(result.output_dir, str(test_file), tmp_path / "p.csv")
+    with out.open() as fh:
+        again = list(csv.DictReader(fh))
+    assert [r["prediction"] for r in again] == [r["prediction"] for r in rows]
+    assert [float(r["p_pos"]) for r in again] == pytest.approx([float(r["p_pos"]) for r in rows], abs=1e-3)

@@ -457,8 +457,8 @@ LOAD_ADAPTER = """base = AutoModelForMaskedLM.from_pretrained(PeftConfig.from_pr
 model = PeftModel.from_pretrained(base, path).eval()"""
 
 
-CAUSAL_USAGE = """# A causal LM scores each label's words after the prompt (see prompt.json); `toolkit predict` does it:
-#   toolkit predict {path} FILE.csv
+CAUSAL_USAGE = """# A causal LM scores each label's words after the prompt (see prompt.json). `toolkit predict {path} FILE.csv`
+# does it all; below, the first template without prompt.json's demonstrations or length normalisation.
 import json, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer{peft_import}
 
