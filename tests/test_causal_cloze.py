@@ -285,3 +285,27 @@ def test_the_toolkits_own_gpt_pretraining_output_is_scored_as_a_causal_lm(tmp_pa
         again = list(csv.DictReader(fh))
     assert [r["prediction"] for r in again] == [r["prediction"] for r in rows]
     assert [float(r["p_pos"]) for r in again] == pytest.approx([float(r["p_pos"]) for r in rows], abs=1e-3)
+
+
+def test_demonstrations_on_a_masked_lm_are_refused_before_training(tmp_path, wordpiece_dir, sentiment):
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from toolkit.engine import loop
+
+    tokenizer = AutoTokenizer.from_pretrained(wordpiece_dir)
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    BertForMaskedLM(config).save_pretrained(tmp_path / "mlm")
+    tokenizer.save_pretrained(tmp_path / "mlm")
+    r = recipe(tmp_path / "bad", tmp_path / "mlm", sentiment, demonstrations=2)
+    r["training"]["num_train_epochs"] = 1
+    trained = []
+    original = loop.train
+    loop.train = lambda *a, **k: trained.append(1) or original(*a, **k)
+    try:
+        with pytest.raises(ToolkitError, match="prompt.demonstrations=2 is for causal LMs"):
+            toolkit.finetune(r)
+    finally:
+        loop.train = original
+    assert not trained and not (tmp_path / "bad" / "checkpoints").exists()
