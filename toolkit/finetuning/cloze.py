@@ -513,5 +513,9 @@ def describe(recipe) -> str:
     if recipe.training.num_train_epochs == 0 and recipe.training.max_steps <= 0:
         how = "zero-shot: no training"
     else:
-        how = f"prompt-based fine-tuning, {'the whole masked LM' if p.tune == 'full' else 'LoRA'}"
+        how = f"prompt-based fine-tuning, {'the whole model' if p.tune == 'full' else 'LoRA'}"
+    if _checkpoint_is_causal(recipe):  # a causal LM: the label words' likelihood after the prompt
+        how += "; label words scored by their log-likelihood after the prompt"
+        how += " (mean per token)" if p.length_normalize else " (summed over their tokens)"
+        how += f", {p.demonstrations} in-context demonstration(s)" if p.demonstrations else ""
     return f"cloze prompt ({how}; templates {templates_of(p)}, verbalizer {p.verbalizer})"
