@@ -480,8 +480,7 @@ print(prompt["labels"][max(range(len(scores)), key=scores.__getitem__)])"""
 
 
 def _checkpoint_is_causal(recipe) -> bool:
-    from toolkit.finetuning.causal import is_causal_lm
-    from toolkit.models import load_config
+    from toolkit.models import is_causal_lm, load_config
     from toolkit.paths import resolve_path
 
     try:

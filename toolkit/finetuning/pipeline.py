@@ -50,7 +50,7 @@ def run(recipe: FinetuneRecipe) -> FinetuneResult:
     from toolkit.finetuning import modes
     from toolkit.finetuning.tasks import load_task
     from toolkit.hf import quiet_datasets
-    from toolkit.models import check_model_dir, load_config
+    from toolkit.models import check_model_dir, is_causal_lm, load_config
     from toolkit.paths import resolve_path
     from toolkit.tokenizer import load_model_tokenizer
 
@@ -73,7 +73,7 @@ def run(recipe: FinetuneRecipe) -> FinetuneResult:
             if f.mode == "cloze":  # templates rendered, verbalizer checked against the vocabulary
                 from toolkit.finetuning import causal, cloze
 
-                loaded["causal"] = causal.is_causal_lm(load_config(model_dir, {}))
+                loaded["causal"] = is_causal_lm(load_config(model_dir, {}))
                 if loaded["causal"]:  # a GPT-style model: label words scored by their likelihood
                     loaded["verbalizer"] = causal.encode_task(
                         data, tokenizer, recipe.prompt, recipe.task.max_seq_length, recipe.training.seed
