@@ -16,6 +16,7 @@ from toolkit.data import blocks as block_data
 from toolkit.data import corpus
 from toolkit.engine import run as harness
 from toolkit.engine.run import Setup, metrics_summary
+from toolkit.errors import ToolkitError
 from toolkit.tokenizer import load_tokenizer, train_tokenizer
 
 
@@ -42,11 +43,17 @@ def resolve_tokenizer(recipe: PretrainRecipe, resume: Path | None, documents):
     """Checkpoint's tokenizer on resume; else tokenizer.path; else the model's; else train (cached)."""
     if resume is not None:
         return load_tokenizer(resume)
-    if recipe.tokenizer.path:
-        return load_tokenizer(recipe.tokenizer.path)
-    src = recipe.model.model_name_or_path
-    if src and (Path(src) / "tokenizer_config.json").is_file():
-        return load_tokenizer(src)
+    base = base_tokenizer(recipe)
+    if base is not None:
+        if not recipe.tokenizer.extend_vocab:
+            return base
+        from toolkit.continuation import extend_tokenizer
+
+        train_docs, _ = documents()
+        extended, added = extend_tokenizer(base, train_docs["text"], recipe.tokenizer.extend_vocab)
+        shown = ", ".join(added[:8]) + (", ..." if len(added) > 8 else "")
+        print(f"tokenizer.extend_vocab: {len(added)} words of the corpus added to the vocabulary ({shown})")
+        return extended
     from toolkit.models import ARCHITECTURES
 
     tk, d = recipe.tokenizer, recipe.data
@@ -74,6 +81,22 @@ def resolve_tokenizer(recipe: PretrainRecipe, resume: Path | None, documents):
     return load_tokenizer(cached)
 
 
+def base_tokenizer(recipe: PretrainRecipe):
+    """An existing tokenizer the run starts from: tokenizer.path, else the checkpoint's; None: train one."""
+    from toolkit.paths import resolve_path
+
+    if recipe.tokenizer.path:
+        return load_tokenizer(resolve_path(recipe.tokenizer.path))
+    src = recipe.model.model_name_or_path
+    if src and (Path(resolve_path(src)) / "tokenizer_config.json").is_file():
+        return load_tokenizer(resolve_path(src))
+    if recipe.tokenizer.extend_vocab:
+        raise ToolkitError(
+            f"tokenizer.extend_vocab needs the checkpoint's tokenizer, but '{src}' holds none: set tokenizer.path"
+        )
+    return None
+
+
 def run(recipe: PretrainRecipe) -> PretrainResult:
     from toolkit.objectives import OBJECTIVES
 
@@ -88,8 +111,9 @@ def run(recipe: PretrainRecipe) -> PretrainResult:
             corpus.check_file(f)
         if recipe.model.model_name_or_path:
             from toolkit.models import check_model_dir
+            from toolkit.paths import resolve_path
 
-            check_model_dir(recipe.model.model_name_or_path)
+            check_model_dir(resolve_path(recipe.model.model_name_or_path))
 
     def setup(accelerator, resume) -> Setup:
         docs_cache: dict = {}
