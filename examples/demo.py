@@ -115,8 +115,11 @@ def downstream(model_dir: Path, out: Path, seed: int, overrides: list[str]) -> d
 
 def print_downstream(scores: dict[str, float], model_dir: Path) -> None:
     print(f"\n{DOWNSTREAM_TASK}, full fine-tuning, test accuracy (same architecture, tokenizer, seed and data):")
-    print(f"  pretrained on Shakespeare ({model_dir.name}):  {scores['pretrained']:.3f}")
-    print(f"  random initialisation:{' ' * (len(model_dir.name) + 7)}{scores['random init']:.3f}")
+    rows = {f"pretrained on Shakespeare ({model_dir.name}):": scores["pretrained"]}
+    rows["random initialisation:"] = scores["random init"]
+    width = max(map(len, rows))
+    for label, accuracy in rows.items():
+        print(f"  {label:{width}s}  {accuracy:.3f}")
     gain = 100 * (scores["pretrained"] - scores["random init"])
     print(f"  pretraining {'gained' if gain >= 0 else 'lost'} {abs(gain):.1f} points")
 
