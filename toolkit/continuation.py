@@ -25,6 +25,24 @@ from toolkit.errors import ToolkitError
 MIN_WORD_COUNT = 2  # a word seen once is no evidence of a domain term
 
 
+def base_tokenizer(recipe):
+    """An existing tokenizer a pretraining run starts from: tokenizer.path, else the checkpoint's;
+    None: the run trains one."""
+    from toolkit.paths import resolve_path
+    from toolkit.tokenizer import load_tokenizer
+
+    if recipe.tokenizer.path:
+        return load_tokenizer(resolve_path(recipe.tokenizer.path))
+    src = recipe.model.model_name_or_path
+    if src and (Path(resolve_path(src)) / "tokenizer_config.json").is_file():
+        return load_tokenizer(resolve_path(src))
+    if recipe.tokenizer.extend_vocab:
+        raise ToolkitError(
+            f"tokenizer.extend_vocab needs the checkpoint's tokenizer, but '{src}' holds none: set tokenizer.path"
+        )
+    return None
+
+
 def load_pretrained(auto, path: str, config, objective: str):
     """`auto.from_pretrained(path)`, saying which weights start fresh; a masked-LM head added to a
     checkpoint without one has its decoder tied to the input embeddings (checked, not assumed)."""

@@ -16,7 +16,6 @@ from toolkit.data import blocks as block_data
 from toolkit.data import corpus
 from toolkit.engine import run as harness
 from toolkit.engine.run import Setup, metrics_summary
-from toolkit.errors import ToolkitError
 from toolkit.tokenizer import load_tokenizer, train_tokenizer
 
 
@@ -43,12 +42,12 @@ def resolve_tokenizer(recipe: PretrainRecipe, resume: Path | None, documents):
     """Checkpoint's tokenizer on resume; else tokenizer.path; else the model's; else train (cached)."""
     if resume is not None:
         return load_tokenizer(resume)
+    from toolkit.continuation import base_tokenizer, extend_tokenizer
+
     base = base_tokenizer(recipe)
     if base is not None:
         if not recipe.tokenizer.extend_vocab:
             return base
-        from toolkit.continuation import extend_tokenizer
-
         train_docs, _ = documents()
         extended, added = extend_tokenizer(base, train_docs["text"], recipe.tokenizer.extend_vocab)
         shown = ", ".join(added[:8]) + (", ..." if len(added) > 8 else "")
@@ -79,22 +78,6 @@ def resolve_tokenizer(recipe: PretrainRecipe, resume: Path | None, documents):
     shutil.rmtree(cached, ignore_errors=True)
     tmp.rename(cached)
     return load_tokenizer(cached)
-
-
-def base_tokenizer(recipe: PretrainRecipe):
-    """An existing tokenizer the run starts from: tokenizer.path, else the checkpoint's; None: train one."""
-    from toolkit.paths import resolve_path
-
-    if recipe.tokenizer.path:
-        return load_tokenizer(resolve_path(recipe.tokenizer.path))
-    src = recipe.model.model_name_or_path
-    if src and (Path(resolve_path(src)) / "tokenizer_config.json").is_file():
-        return load_tokenizer(resolve_path(src))
-    if recipe.tokenizer.extend_vocab:
-        raise ToolkitError(
-            f"tokenizer.extend_vocab needs the checkpoint's tokenizer, but '{src}' holds none: set tokenizer.path"
-        )
-    return None
 
 
 def run(recipe: PretrainRecipe) -> PretrainResult:

@@ -54,14 +54,12 @@ class Objective(nn.Module):
         auto = getattr(transformers, cls.auto_class)
         m = recipe.model
         if m.model_name_or_path:
-            from toolkit.continuation import init_new_rows, load_pretrained
+            from toolkit.continuation import base_tokenizer, init_new_rows, load_pretrained
             from toolkit.paths import resolve_path
 
             path = resolve_path(m.model_name_or_path)
             model = load_pretrained(auto, path, load_config(path, m.config_overrides), cls.name)
             if recipe.tokenizer.extend_vocab:  # rows of the words the tokenizer gained: means of their pieces
-                from toolkit.pretraining import base_tokenizer
-
                 added = init_new_rows(model, base_tokenizer(recipe), tokenizer)
                 print(f"vocabulary extended by {added} words, each initialised to the mean of its pieces' embeddings")
             return model
