@@ -130,3 +130,54 @@ def test_every_objective_and_budget_gives_a_row_and_a_killed_study_redoes_nothin
     assert "random initialisation" in result.text
     with (tmp_path / "s" / "study.csv").open() as fh:
         assert len(list(csv.DictReader(fh))) == 9
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory, wordpiece_dir):
+    """A tiny `BertModel` (no masked-LM head) with its own tokenizer: an existing checkpoint to continue."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(wordpiece_dir)
+    out = tmp_path_factory.mktemp("encoder") / "bert"
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **TINY_MODEL)).save_pretrained(
+        out
+    )
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_continue_from_checkpoint_rows_pretrain_that_checkpoint_to_the_same_budget(tmp_path, study_inputs, encoder_dir):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    import toolkit
+    from toolkit.config import resolve
+    from toolkit.errors import ToolkitError
+    from toolkit.studies import StudyRecipe, pretrain_recipe
+
+    reviews, dialog = study_inputs
+    row = f"continue from {encoder_dir}"
+    recipe = study_recipe(tmp_path / "s", reviews, dialog, objectives=("random", "mlm", row))
+    recipe["tokenizer"]["extend_vocab"] = 5
+    recipe["study"]["budgets"] = [1.0]
+    resolved = resolve(StudyRecipe, recipe)
+    # the row continues the checkpoint with its own tokenizer; runs from scratch never extend a vocabulary
+    cont = pretrain_recipe(resolved, row, 1.0, tmp_path / "corpus.txt", tmp_path / "study-tokenizer")
+    scratch = pretrain_recipe(resolved, "mlm", 1.0, tmp_path / "corpus.txt", tmp_path / "study-tokenizer")
+    assert (cont.model.model_name_or_path, cont.objective.name, cont.tokenizer.path) == (str(encoder_dir), "mlm", None)
+    assert cont.tokenizer.extend_vocab == 5 and scratch.tokenizer.extend_vocab == 0
+    assert scratch.model.model_name_or_path is None and scratch.tokenizer.path == str(tmp_path / "study-tokenizer")
+    bad = study_recipe(tmp_path / "b", reviews, dialog, objectives=("continue from ",))
+    with pytest.raises(ToolkitError, match="names no checkpoint"):
+        resolve(StudyRecipe, bad)
+
+    recipe["study"]["objectives"] = ["random", row]
+    result = toolkit.study(recipe)
+    assert [(r["objective"], r["budget"]) for r in result.rows] == [("random", 0), (row, 1.0)]
+    continued = result.rows[1]
+    assert 1.5e9 <= continued["train_flops"] < 1.5e9 * 1.5  # the same budget as any objective
+    assert 0 <= continued["full/suite"] <= 1 and row in result.text
+    model = AutoModelForMaskedLM.from_pretrained(continued["checkpoint"])
+    assert model.config.vocab_size == len(AutoTokenizer.from_pretrained(encoder_dir)) + 5
+    assert len(AutoTokenizer.from_pretrained(continued["checkpoint"])) == model.config.vocab_size

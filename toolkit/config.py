@@ -207,6 +207,11 @@ class TokenizerArgs:
     vocab_size: int = help_field("Vocabulary size of a trained tokenizer.", default=30522)
     lowercase: bool = help_field("Lower-case text (WordPiece only).", default=True)
     min_frequency: int = help_field("Minimum pair frequency for a merge.", default=2)
+    extend_vocab: int = help_field(
+        "Continued pretraining: add up to this many words frequent in data.train_files that the checkpoint's "
+        "WordPiece tokenizer splits into pieces; each new embedding row starts at the mean of its pieces' rows.",
+        default=0,
+    )
 
 
 @dataclass
@@ -337,6 +342,13 @@ class PretrainRecipe:
             raise ToolkitError("data.validation_split_percentage must be in [0, 50)")
         if self.tokenizer.kind is not None:
             check_choice("tokenizer.kind", self.tokenizer.kind, ("wordpiece", "bpe"))
+        if self.tokenizer.extend_vocab < 0:
+            raise ToolkitError(f"tokenizer.extend_vocab={self.tokenizer.extend_vocab} must be 0 (off) or a word count")
+        if self.tokenizer.extend_vocab and not m.model_name_or_path:
+            raise ToolkitError(
+                "tokenizer.extend_vocab extends a pretrained checkpoint's vocabulary: set model.model_name_or_path, "
+                "or use tokenizer.vocab_size for a tokenizer trained from scratch"
+            )
         if self.tokenizer.vocab_size < 100:
             raise ToolkitError(f"tokenizer.vocab_size={self.tokenizer.vocab_size} is too small: use at least 100")
         if o.mlm_probability is not None and not 0 < o.mlm_probability < 1:

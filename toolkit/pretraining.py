@@ -42,11 +42,17 @@ def resolve_tokenizer(recipe: PretrainRecipe, resume: Path | None, documents):
     """Checkpoint's tokenizer on resume; else tokenizer.path; else the model's; else train (cached)."""
     if resume is not None:
         return load_tokenizer(resume)
-    if recipe.tokenizer.path:
-        return load_tokenizer(recipe.tokenizer.path)
-    src = recipe.model.model_name_or_path
-    if src and (Path(src) / "tokenizer_config.json").is_file():
-        return load_tokenizer(src)
+    from toolkit.continuation import base_tokenizer, extend_tokenizer
+
+    base = base_tokenizer(recipe)
+    if base is not None:
+        if not recipe.tokenizer.extend_vocab:
+            return base
+        train_docs, _ = documents()
+        extended, added = extend_tokenizer(base, train_docs["text"], recipe.tokenizer.extend_vocab)
+        shown = ", ".join(added[:8]) + (", ..." if len(added) > 8 else "")
+        print(f"tokenizer.extend_vocab: {len(added)} words of the corpus added to the vocabulary ({shown})")
+        return extended
     from toolkit.models import ARCHITECTURES
 
     tk, d = recipe.tokenizer, recipe.data
@@ -88,8 +94,9 @@ def run(recipe: PretrainRecipe) -> PretrainResult:
             corpus.check_file(f)
         if recipe.model.model_name_or_path:
             from toolkit.models import check_model_dir
+            from toolkit.paths import resolve_path
 
-            check_model_dir(recipe.model.model_name_or_path)
+            check_model_dir(resolve_path(recipe.model.model_name_or_path))
 
     def setup(accelerator, resume) -> Setup:
         docs_cache: dict = {}

@@ -44,6 +44,19 @@ from toolkit.errors import ToolkitError, check_choice
 
 RANDOM = "random"
 ARCHITECTURE = {"mlm": "bert", "mlm+nsp": "bert", "nsp": "bert", "rtd": "electra", "clm": "gpt2", RANDOM: "bert"}
+CONTINUE = "continue from "  # a row "continue from CHECKPOINT": masked-LM pretraining of that checkpoint
+
+
+def continued_from(objective: str) -> str | None:
+    """The checkpoint of a "continue from CHECKPOINT" row; None for the objectives trained from scratch."""
+    return objective[len(CONTINUE) :].strip() if objective.startswith(CONTINUE) else None
+
+
+def slug(objective: str) -> str:
+    """A folder name for an objective ("continue from pkg://a/b" -> "continue-pkg-a-b")."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9+]+", "-", objective).strip("-")
 
 
 @dataclass
@@ -51,7 +64,9 @@ class StudyArgs:
     """`toolkit study`: the objectives compared, the compute budget and the suite."""
 
     objectives: list = help_field(
-        "Objectives to compare: random (the same BERT, untrained: the floor), mlm, mlm+nsp, rtd, clm.",
+        "Objectives to compare: random (the same BERT, untrained: the floor), mlm, mlm+nsp, rtd, clm, and "
+        "'continue from CHECKPOINT' (masked-LM pretraining of an existing checkpoint, with its own tokenizer, "
+        "to the same budgets: domain-adaptive pretraining against pretraining from scratch).",
         default_factory=lambda: [RANDOM, "mlm", "mlm+nsp", "rtd", "clm"],
     )
     max_flops: float = help_field(
@@ -99,7 +114,10 @@ class StudyRecipe:
         if not s.objectives:
             raise ToolkitError("study.objectives is empty: list at least one, e.g. [random, mlm, rtd]")
         for name in s.objectives:
-            check_choice("study.objectives", name, ARCHITECTURE)
+            if continued_from(name) is None:
+                check_choice("study.objectives", name, ARCHITECTURE)
+            elif not continued_from(name):
+                raise ToolkitError("a study.objectives row 'continue from' names no checkpoint: add its folder")
         if len(set(s.objectives)) != len(s.objectives):
             raise ToolkitError(f"study.objectives lists an objective twice: {s.objectives}")
         if s.max_flops <= 0:
@@ -131,19 +149,24 @@ RECIPE_CLASSES.append(StudyRecipe)
 def pretrain_recipe(recipe: StudyRecipe, objective: str, fraction: float, corpus: Path, tokenizer=None):
     """The ordinary pretraining recipe of one objective at one budget fraction."""
     data = {k: v for k, v in to_dict(recipe).items() if k not in ("study", "output_dir")}
+    checkpoint = continued_from(objective)
+    common = {
+        "output_dir": str(Path(recipe.output_dir) / "pretrain" / slug(objective) / f"budget-{fraction:g}"),
+        "data": {"train_files": [str(corpus)], "document_boundary": "blank_line"},
+        "training": {"max_flops": fraction * recipe.study.max_flops, "max_steps": -1},
+    }
+    if checkpoint is not None:
+        # the checkpoint as it is (its size, config and own tokenizer, extended by tokenizer.extend_vocab),
+        # given the same FLOPs budget of masked-LM pretraining as the models trained from scratch
+        data = merge(data, {**common, "model": {"model_name_or_path": checkpoint}, "objective": {"name": "mlm"}})
+        data["model"]["config_overrides"] = {}
+        data["tokenizer"] = {**data["tokenizer"], "path": None}
+        return resolve(PretrainRecipe, data)
     arch = ARCHITECTURE[objective]
     overrides = recipe.study.gpt2_config_overrides if arch == "gpt2" else recipe.model.config_overrides
-    data = merge(
-        data,
-        {
-            "output_dir": str(Path(recipe.output_dir) / "pretrain" / objective / f"budget-{fraction:g}"),
-            "model": {"architecture": arch, "config_overrides": overrides},
-            "data": {"train_files": [str(corpus)], "document_boundary": "blank_line"},
-            "objective": {"name": objective},
-            "training": {"max_flops": fraction * recipe.study.max_flops, "max_steps": -1},
-        },
-    )
+    data = merge(data, {**common, "model": {"architecture": arch}, "objective": {"name": objective}})
     data["model"]["config_overrides"] = dict(overrides)  # replaced, not merged: the keys differ by architecture
+    data["tokenizer"] = {**data["tokenizer"], "extend_vocab": 0}  # extends checkpoints' vocabularies only
     if tokenizer is not None:
         data["tokenizer"] = {**data["tokenizer"], "path": str(tokenizer)}
     return resolve(PretrainRecipe, data)
@@ -268,7 +291,7 @@ def pretrain_part(recipe: StudyRecipe, objective: str, fraction: float, corpus: 
     from toolkit.engine.checkpoint import complete_checkpoints
     from toolkit.pretraining import run
 
-    r = pretrain_recipe(recipe, objective, fraction, corpus, tokenizer)
+    r = pretrain_recipe(recipe, objective, fraction, corpus, None if continued_from(objective) else tokenizer)
     out = Path(r.output_dir)
     if (out / "results.json").is_file():
         return out
@@ -301,7 +324,7 @@ def parts(recipe: StudyRecipe) -> list[tuple[str, float]]:
 
 
 def part_name(objective: str, fraction: float) -> str:
-    return RANDOM if objective == RANDOM else f"{objective}-budget-{fraction:g}"
+    return RANDOM if objective == RANDOM else f"{slug(objective)}-budget-{fraction:g}"
 
 
 def study(recipe=None, overrides=None, **kwargs) -> StudyResult:

@@ -54,15 +54,15 @@ class Objective(nn.Module):
         auto = getattr(transformers, cls.auto_class)
         m = recipe.model
         if m.model_name_or_path:
-            config = load_config(m.model_name_or_path, m.config_overrides)
-            try:
-                return auto.from_pretrained(
-                    m.model_name_or_path, config=config, attn_implementation=ATTN_IMPLEMENTATION
-                )
-            except ValueError as e:
-                raise ToolkitError(
-                    f"cannot load '{m.model_name_or_path}' for objective '{cls.name}' ({cls.auto_class}): {e}"
-                ) from None
+            from toolkit.continuation import base_tokenizer, init_new_rows, load_pretrained
+            from toolkit.paths import resolve_path
+
+            path = resolve_path(m.model_name_or_path)
+            model = load_pretrained(auto, path, load_config(path, m.config_overrides), cls.name)
+            if recipe.tokenizer.extend_vocab:  # rows of the words the tokenizer gained: means of their pieces
+                added = init_new_rows(model, base_tokenizer(recipe), tokenizer)
+                print(f"vocabulary extended by {added} words, each initialised to the mean of its pieces' embeddings")
+            return model
         config = build_config(m.architecture, m.size, tokenizer, recipe.data.max_seq_length, m.config_overrides)
         return auto.from_config(config, attn_implementation=ATTN_IMPLEMENTATION)
 
