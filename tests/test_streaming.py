@@ -193,3 +193,35 @@ def test_block_cache_stores_token_ids_as_uint16(tmp_path, corpus_dir, tokenizer)
         assert torch.equal(batch["input_ids"], torch.from_numpy(stored.astype(np.int64)))
         assert batch["input_ids"].max() < len(tokenizer)
         assert (batch["input_ids"][:, 0] == tokenizer.cls_token_id).all()
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_two_process_streaming_run_resumes_exactly(tmp_path, corpus_dir, wordpiece_dir):
+    import yaml
+    from safetensors.torch import load_file
+    from test_distributed import launch_two_processes
+
+    from toolkit.engine.checkpoint import read_state
+    from toolkit.engine.tracking import read_metrics
+
+    training = dict(max_steps=6, save_steps=3, save_total_limit=5, eval_steps=0, max_eval_batches=1)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_streaming_recipe(tmp_path / "ddp", corpus_dir, wordpiece_dir, **training)))
+    first = launch_two_processes("pretrain", str(path))
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = tmp_path / "ddp"
+    assert read_state(out / "checkpoints" / "checkpoint-3")["world_size"] == 2
+    positions = torch.load(out / "checkpoints" / "checkpoint-3" / STATE_FILE, weights_only=True)["positions"]
+    assert [p["rank"] for p in positions] == [0, 1]
+    assert not torch.equal(positions[0]["buffer"], positions[1]["buffer"])  # each process its own shard
+    losses = [m["loss"] for m in read_metrics(out) if "loss" in m]
+    weights = load_file(str(out / "model.safetensors"))
+
+    shutil.rmtree(out / "checkpoints" / "checkpoint-6")
+    (out / "model.safetensors").unlink()
+    again = launch_two_processes("pretrain", str(path), "training.resume_from_checkpoint=auto")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [m["loss"] for m in read_metrics(out) if "loss" in m] == losses
+    for k, v in load_file(str(out / "model.safetensors")).items():
+        assert torch.equal(v, weights[k]), k
