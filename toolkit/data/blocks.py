@@ -53,6 +53,21 @@ def hash_key(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def corpus_key(data, seed: int, train_files: list, val_files: list, tokenizer, word_starts: bool) -> dict:
+    """What a tokenized corpus depends on: the files (path, size, mtime), the split, how they are read,
+    the tokenizer and the length (the part of a cache key that blocks and sentence pairs share)."""
+    return {
+        "train": corpus.fingerprint(train_files),
+        "validation": corpus.fingerprint(val_files),
+        "split": None if val_files else [data.validation_split_percentage, seed],
+        "text_field": data.text_field,
+        "document_boundary": data.document_boundary,
+        "tokenizer": tokenizer_hash(tokenizer),
+        "max_seq_length": data.max_seq_length,
+        "word_starts": word_starts,
+    }
+
+
 @dataclass
 class Blocks:
     """Packed train/validation blocks and what it took to make them."""
@@ -106,17 +121,7 @@ def prepare_blocks(
         )
     train_files = corpus.expand(data.train_files, "data.train_files")
     val_files = corpus.expand(data.validation_files, "data.validation_files") if data.validation_files else []
-    payload = {
-        "version": CACHE_VERSION,
-        "train": corpus.fingerprint(train_files),
-        "validation": corpus.fingerprint(val_files),
-        "split": None if val_files else [data.validation_split_percentage, seed],
-        "text_field": data.text_field,
-        "document_boundary": data.document_boundary,
-        "tokenizer": tokenizer_hash(tokenizer),
-        "max_seq_length": data.max_seq_length,
-        "word_starts": word_starts,
-    }
+    payload = {"version": CACHE_VERSION, **corpus_key(data, seed, train_files, val_files, tokenizer, word_starts)}
     if segments == 2:  # one-segment caches keep their key; a two-segment layout is drawn from the seed
         payload.update(segments=2, layout_seed=seed)
     key = hash_key(payload)
@@ -198,16 +203,7 @@ def tokenize_documents(docs, tokenizer, num_proc: int | None, word_starts: bool)
             out["word_start"] = [word_start_flags(e.word_ids) + [1] for e in encodings]
         return out
 
-    if num_proc is None:
-        num_proc = min(os.cpu_count() or 1, 8) if len(docs) >= 20_000 else None
-    return docs.map(
-        encode,
-        batched=True,
-        batch_size=1000,
-        num_proc=num_proc if num_proc and num_proc > 1 else None,
-        remove_columns=docs.column_names,
-        desc="Tokenizing",
-    )
+    return corpus.map_documents(docs, encode, num_proc, "Tokenizing")
 
 
 def pack(tokens, tokenizer, max_seq_length: int, out_file: Path, word_starts: bool) -> dict:

@@ -199,3 +199,20 @@ def load_documents(files: list[Path], text_field: str, document_boundary: str, m
 
 def _strip(batch):
     return {"text": [(t or "").strip() for t in batch["text"]]}
+
+
+def map_documents(docs, encode, num_proc: int | None, desc: str):
+    """`docs.map(encode)` in batches of 1,000 documents, in several processes for large corpora
+    (num_proc None: one per core, up to 8, from 20,000 documents on)."""
+    import os
+
+    if num_proc is None:
+        num_proc = min(os.cpu_count() or 1, 8) if len(docs) >= 20_000 else None
+    return docs.map(
+        encode,
+        batched=True,
+        batch_size=1000,
+        num_proc=num_proc if num_proc and num_proc > 1 else None,
+        remove_columns=docs.column_names,
+        desc=desc,
+    )

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from toolkit.data import corpus
-from toolkit.data.blocks import cache_root, hash_key, tokenizer_hash
+from toolkit.data.blocks import cache_root, corpus_key, hash_key
 from toolkit.data.loader import example_seed
 from toolkit.data.sentences import SPECIALS_PER_PAIR, tokenize_sentences
 from toolkit.errors import ToolkitError
@@ -101,14 +101,7 @@ def prepare_pairs(
         {
             "version": CACHE_VERSION,
             "kind": "sentence-pairs",
-            "train": corpus.fingerprint(train_files),
-            "validation": corpus.fingerprint(val_files),
-            "split": None if val_files else [data.validation_split_percentage, seed],
-            "text_field": data.text_field,
-            "document_boundary": data.document_boundary,
-            "tokenizer": tokenizer_hash(tokenizer),
-            "max_seq_length": data.max_seq_length,
-            "word_starts": word_starts,
+            **corpus_key(data, seed, train_files, val_files, tokenizer, word_starts),
         }
     )
     path = cache_root(data.cache_dir) / "pairs" / key

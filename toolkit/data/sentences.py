@@ -6,10 +6,11 @@ Read by next-sentence-prediction pairs (`pairs.py`) and by two-segment blocks (`
 
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
+
+from toolkit.data import corpus
 
 SPECIALS_PER_PAIR = 3  # [CLS] A [SEP] B [SEP]
 
@@ -90,13 +91,4 @@ def tokenize_sentences(docs, tokenizer, max_seq_length: int, num_proc: int | Non
                 out["word_start"].append(starts)
         return out
 
-    if num_proc is None:
-        num_proc = min(os.cpu_count() or 1, 8) if len(docs) >= 20_000 else None
-    return docs.map(
-        encode,
-        batched=True,
-        batch_size=1000,
-        num_proc=num_proc if num_proc and num_proc > 1 else None,
-        remove_columns=docs.column_names,
-        desc="Splitting and tokenizing sentences",
-    )
+    return corpus.map_documents(docs, encode, num_proc, "Splitting and tokenizing sentences")

@@ -290,7 +290,7 @@ class StreamBatches:
 
 
 def gather_positions(accelerator, stream: StreamingCorpus) -> list[dict]:
-    """Every process's position (one collective; call on all processes)."""
+    """Every process's position, in process order (one collective; call on all processes)."""
     from accelerate.utils import gather_object
 
     return gather_object([stream.state()]) if accelerator.num_processes > 1 else [stream.state()]
@@ -308,4 +308,5 @@ def restore_position(stream: StreamingCorpus, checkpoint: Path) -> None:
             "data.streaming; resume with the settings it was written with, or start a new output_dir"
         )
     saved = torch.load(path, weights_only=True)
-    stream.restore(saved["positions"][stream.rank])
+    # by data-parallel rank, not process index: under tensor parallelism a group of processes shares one stream
+    stream.restore(next(p for p in saved["positions"] if p["rank"] == stream.rank))

@@ -261,10 +261,18 @@ def _disk_full(e: BaseException) -> bool:
 
 
 def save(
-    accelerator, output_dir: str | Path, step: int, state: dict, write_extras, keep: int, seq: int | None = None
+    accelerator,
+    output_dir: str | Path,
+    step: int,
+    state: dict,
+    write_extras,
+    keep: int,
+    seq: int | None = None,
+    shards=None,
 ) -> Path:
     """Save the run state at `step` as save number `seq` of the run (default: one above the newest
-    checkpoint). Every process must call this (sharded states save in parts)."""
+    checkpoint). Every process must call this (sharded states save in parts; `shards(folder)` writes
+    what accelerate does not hold, e.g. tensor-parallel model and optimizer shards)."""
     root = checkpoints_dir(output_dir)
     final = root / f"checkpoint-{step}"
     tmp = root / f".tmp-checkpoint-{step}"
@@ -285,6 +293,8 @@ def save(
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
+        if shards is not None:
+            shards(tmp)
         accelerator.wait_for_everyone()
         if main:
             _fault("after_state", step)

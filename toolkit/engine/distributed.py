@@ -354,6 +354,11 @@ def full_state_dict(accelerator, model) -> dict:
     the module. Elsewhere accelerate gathers (FSDP) or unwraps (DDP) the model."""
     from accelerate.utils import DistributedType
 
+    from toolkit.engine import parallel
+
+    layout = parallel.layout_of(accelerator)
+    if layout.tp > 1:  # tensor-parallel shards gathered into full tensors
+        return parallel.full_state_dict(model, layout)
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return accelerator.get_state_dict(model)
     import deepspeed

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from toolkit.data.loader import GlobalBatchSampler, ShardSampler, make_loader
-from toolkit.engine import checkpoint, distributed, flops
+from toolkit.engine import checkpoint, distributed, flops, parallel
 from toolkit.engine.memory import enable_gradient_checkpointing
 from toolkit.engine.optim import innermost_optimizer, make_optimizer, make_scheduler, optimizer_name
 from toolkit.engine.precision import SkippedSteps, upcast_trainable_params
@@ -78,6 +78,8 @@ def make_accelerator(t, output_dir: Path):
     )
     distributed.check_launch(accelerator)  # N processes asked, N joined; FSDP/DeepSpeed asked, got
     distributed.fill_deepspeed(accelerator, t)  # a DeepSpeed file contradicting the recipe stops here
+    # tensor parallelism: a dp x tp mesh over the launched processes (checked against the launch here)
+    accelerator.toolkit_layout = parallel.make_layout(accelerator, t, distributed.engine_name(accelerator))
     distributed.honor_zero3_init_flag(accelerator)
     return accelerator
 
@@ -136,12 +138,13 @@ _FLOPS = "\0flops"  # the step's FLOPs beside the loss counts in one reduction (
 
 
 def reduce_totals(accelerator, totals: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Sum a dict of scalar tensors over processes in one collective."""
+    """Sum a dict of scalar tensors over processes in one collective (each batch counted once: the
+    processes of a tensor-parallel group compute the same sums)."""
     if not totals:
         return {}
     keys = sorted(totals)
     packed = torch.stack([totals[k].detach().double().reshape(()) for k in keys]).to(accelerator.device)
-    packed = accelerator.reduce(packed, reduction="sum")
+    packed = accelerator.reduce(packed, reduction="sum") / parallel.layout_of(accelerator).copies
     return dict(zip(keys, packed.tolist()))
 
 
@@ -198,7 +201,8 @@ def gather_examples(accelerator, parts: dict[str, list[torch.Tensor]]) -> dict[s
         padded = accelerator.pad_across_processes({k: v.to(accelerator.device) for k, v in local.items()}, dim=0)
         full = accelerator.gather(padded)
         longest = max(sizes)
-        keep = torch.cat([torch.arange(r * longest, r * longest + n) for r, n in enumerate(sizes)])
+        copies = parallel.layout_of(accelerator).copies  # one process per tensor-parallel group
+        keep = torch.cat([torch.arange(r * longest, r * longest + n) for r, n in enumerate(sizes) if r % copies == 0])
         local = {k: v[keep.to(v.device)] for k, v in full.items()}
     order = local["idx"].argsort()
     return {k: v[order].cpu() for k, v in local.items()}
@@ -211,7 +215,8 @@ def eval_loader(job: Job, accelerator, seed: int, max_batches: int | None = None
         return None
     collator = job.objective.make_collator(job.tokenizer, seed, salt="eval")
     dataset = job.objective.make_dataset(job.eval_data, split="eval")
-    batch, world = job.training.per_device_eval_batch_size, accelerator.num_processes
+    layout = parallel.layout_of(accelerator)  # tensor-parallel groups share one shard of the data
+    batch, world = job.training.per_device_eval_batch_size, layout.dp
     limit = None if max_batches is None else max_batches * batch
     size = len(dataset) if limit is None else min(len(dataset), limit)
     if size < world:  # a process with nothing to evaluate would leave the others waiting in the reduce
@@ -219,7 +224,7 @@ def eval_loader(job: Job, accelerator, seed: int, max_batches: int | None = None
             f"the evaluation set has {size} examples, fewer than the {world} processes that share it: "
             "raise training.max_eval_batches or add validation data"
         )
-    sampler = ShardSampler(len(dataset), batch, world, accelerator.process_index, limit=limit)
+    sampler = ShardSampler(len(dataset), batch, world, layout.dp_rank, limit=limit)
     return make_loader(dataset, sampler, collator)
 
 
@@ -244,7 +249,9 @@ def resumed_history(state: dict, output_dir: Path) -> dict:
 
 def train(job: Job, accelerator, resume: Path | None = None):
     t, objective = job.training, job.objective
-    world, rank = accelerator.num_processes, accelerator.process_index
+    layout = parallel.layout_of(accelerator)
+    world, rank = layout.dp, layout.dp_rank  # data-parallel groups read different batches
+    tensor_parallel = layout.tp > 1
     accum = t.gradient_accumulation_steps
     main = accelerator.is_main_process
 
@@ -283,8 +290,13 @@ def train(job: Job, accelerator, resume: Path | None = None):
     upcast_trainable_params(objective, t.mixed_precision)  # fp32 master weights under autocast
     ds_config = distributed.fill_deepspeed(accelerator, t, objective)
     distributed.prepare_fsdp(objective)
+    if tensor_parallel:  # split before the optimizer is built over the (now sharded) parameters
+        plan = parallel.parallelize(objective, layout)
     optimizer = make_optimizer(objective, t, accelerator.device, ds_config)
-    model, optimizer = accelerator.prepare(objective, optimizer)
+    if tensor_parallel:  # no DDP wrapper: DTensor runs the layers, the loop averages data-parallel copies
+        model = parallel.prepare(objective, accelerator)
+    else:
+        model, optimizer = accelerator.prepare(objective, optimizer)
     # The schedule drives the optimizer that does the update (DeepSpeed may have built it), once per step.
     scheduler = make_scheduler(innermost_optimizer(optimizer), t, steps)
     accelerator.register_for_checkpointing(scheduler)
@@ -296,8 +308,9 @@ def train(job: Job, accelerator, resume: Path | None = None):
     step, tokens_seen, elapsed, saves = 0, 0, 0.0, 0
     skips = SkippedSteps(t.max_consecutive_nonfinite_steps)
     run_facts = {
-        "world_size": world,
+        "world_size": accelerator.num_processes,
         "engine": distributed.engine_name(accelerator),
+        "tensor_parallel_size": layout.tp,
         "optimizer": t.optimizer,
         "per_device_train_batch_size": t.per_device_train_batch_size,
         "gradient_accumulation_steps": accum,
@@ -318,6 +331,8 @@ def train(job: Job, accelerator, resume: Path | None = None):
             from toolkit.data.streaming import restore_position
 
             restore_position(dataset, resume)
+        if tensor_parallel:
+            parallel.load_shards(model, optimizer, resume)
         step, tokens_seen, elapsed = state["step"], state["tokens_seen"], state.get("train_seconds", 0.0)
         skips.restore(state.get("skipped_steps", {}))
         saves = state.get("save_sequence", 0)
@@ -335,7 +350,9 @@ def train(job: Job, accelerator, resume: Path | None = None):
         peak, peak_source = flops.device_peak(accelerator.device, t.peak_flops)
         if peak is None and main:
             print(f"mfu: not logged ({peak_source}): set training.peak_flops to the device's peak FLOP/s")
-        meter = flops.FlopMeter(peak, world, total=state.get("train_flops", 0.0) if resume is not None else 0.0)
+        meter = flops.FlopMeter(
+            peak, accelerator.num_processes, total=state.get("train_flops", 0.0) if resume is not None else 0.0
+        )
     if accelerator.trackers == [] and t.report_to:
         accelerator.init_trackers(job.name, config=job.tracker_config)
     log = MetricsLog(job.output_dir, accelerator, resume_step=step if resume is not None else None)
@@ -351,7 +368,9 @@ def train(job: Job, accelerator, resume: Path | None = None):
 
     if main:
         print(
-            f"training: {steps} steps, {distributed.describe(accelerator)}, {optimizer_name(optimizer)}, global batch "
+            f"training: {steps} steps, {distributed.describe(accelerator)}, "
+            + (f"{layout.describe()} ({parallel.describe_plan(plan)} layers), " if tensor_parallel else "")
+            + f"{optimizer_name(optimizer)}, global batch "
             f"{t.per_device_train_batch_size * world * accum} x "
             + (
                 f"{job.train_data.data.max_seq_length} tokens, streamed"
@@ -387,7 +406,8 @@ def train(job: Job, accelerator, resume: Path | None = None):
                 job.write_extras(folder)
                 write_positions(folder, positions)
 
-        checkpoint.save(accelerator, job.output_dir, step, state, extras, t.save_total_limit, seq=saves)
+        shards = (lambda folder: parallel.save_shards(model, optimizer, folder)) if tensor_parallel else None
+        checkpoint.save(accelerator, job.output_dir, step, state, extras, t.save_total_limit, seq=saves, shards=shards)
 
     history: dict = {}
     if evals is not None and t.eval_on_start and step == 0:
@@ -427,7 +447,8 @@ def train(job: Job, accelerator, resume: Path | None = None):
         step_flops = global_counts.pop(_FLOPS, 0.0)
         global_counts = {k: max(v, 1.0) for k, v in global_counts.items()}
 
-        # 2. forward/backward; DDP averages gradients over processes, hence the factor world.
+        # 2. forward/backward; DDP (or, under tensor parallelism, the loop) averages gradients over the
+        #    data-parallel copies, hence the factor world (their number).
         #    A nan/inf loss on any process skips the step everywhere, decided before the step's one
         #    gradient synchronisation (the last micro-batch's backward); the weights stay untouched.
         nonfinite, skip = torch.zeros((), dtype=torch.bool, device=accelerator.device), False
@@ -443,8 +464,11 @@ def train(job: Job, accelerator, resume: Path | None = None):
                 elif deepspeed:  # DeepSpeed steps inside backward(); nan gradients make it drop the step
                     accelerator.backward(loss * float("nan"))
                 if accelerator.sync_gradients and not skip:
+                    if tensor_parallel:
+                        parallel.average_gradients(model, layout)
+                    clip = parallel.clip_grad_norm_ if tensor_parallel else accelerator.clip_grad_norm_
                     if t.max_grad_norm > 0:
-                        norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                        norm = clip(model.parameters(), t.max_grad_norm)
                         if norm is not None and math.isfinite(float(norm)):
                             grad_norms.append(float(norm))
                     optimizer.step()
@@ -513,7 +537,8 @@ def train(job: Job, accelerator, resume: Path | None = None):
         steps=step,
         tokens_seen=tokens_seen,
         train_seconds=elapsed,
-        world_size=world,
+        world_size=accelerator.num_processes,
+        tensor_parallel_size=layout.tp,
         engine=run_facts["engine"],
         optimizer=optimizer_name(optimizer),
         skipped_nonfinite_steps=skips.nonfinite,

@@ -47,12 +47,28 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def split_sharded(groups: list[dict]) -> list[dict]:
+    """Tensor-parallel (DTensor) and whole parameters in separate groups: a fused or foreach optimizer
+    kernel takes one kind at a time. Unchanged when nothing is sharded."""
+    from torch.distributed.tensor import DTensor
+
+    out = []
+    for group in groups:
+        sharded = [p for p in group["params"] if isinstance(p, DTensor)]
+        if not sharded:
+            out.append(group)
+            continue
+        whole = [p for p in group["params"] if not isinstance(p, DTensor)]
+        out += [{**group, "params": sharded}, {**group, "params": whole}]
+    return out
+
+
 def make_optimizer(model: nn.Module, t, device: torch.device, deepspeed_config: dict | None = None):
     if hasattr(model, "optimizer_groups"):  # an objective may shape them (layer-wise learning rates)
         groups = model.optimizer_groups(t.weight_decay)
     else:
         groups = param_groups(model, t.weight_decay)
-    groups = [g for g in groups if g["params"]]
+    groups = [g for g in split_sharded(groups) if g["params"]]
     for group in groups:  # a group's `lr_scale` multiplies the learning rate (the schedule applies to all)
         group["lr"] = t.learning_rate * group.pop("lr_scale", 1.0)
     betas = (t.adam_beta1, t.adam_beta2)

@@ -354,8 +354,9 @@ class ClozeModel:
     new_weights: list
 
 
-def build(recipe, model_dir: str, tokenizer):
-    """The checkpoint as a masked LM with its pretrained head (refused without one), whole or with LoRA."""
+def build(recipe, model_dir: str, tokenizer, causal: bool = False):
+    """The checkpoint as a masked LM with its pretrained head (refused without one), or as a causal LM
+    (causal.py scores its label words), whole or with LoRA."""
     import transformers
 
     from toolkit.finetuning.modes import count_parameters
@@ -363,23 +364,23 @@ def build(recipe, model_dir: str, tokenizer):
     from toolkit.models import load_config
 
     config = load_config(model_dir, recipe.model.config_overrides)
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModelForMaskedLM
     try:
         with quiet_transformers():
-            model, info = transformers.AutoModelForMaskedLM.from_pretrained(
-                model_dir, config=config, output_loading_info=True
-            )
+            model, info = auto.from_pretrained(model_dir, config=config, output_loading_info=True)
     except (ValueError, KeyError, OSError) as e:
         raise ToolkitError(
-            f"finetune.mode=cloze needs a masked LM, and '{model_dir}' does not load as one "
-            f"(AutoModelForMaskedLM): {str(e).splitlines()[0][:200]}"
+            f"finetune.mode=cloze needs a masked LM or a causal LM, and '{model_dir}' does not load as one "
+            f"({auto.__name__}): {str(e).splitlines()[0][:200]}"
         ) from None
     prefix = f"{model.base_model_prefix}."
     new_head = [k for k in info.get("missing_keys", []) if not k.startswith(prefix)]
     if new_head:
         raise ToolkitError(
-            f"'{model_dir}' has no MLM head (the checkpoint lacks {', '.join(sorted(new_head)[:3])}): cloze prompts "
-            "are answered by the pretrained MLM head, so use a masked-LM checkpoint (e.g. the output_dir of "
-            "toolkit pretrain with objective mlm), or another finetune.mode"
+            f"'{model_dir}' has no {'LM' if causal else 'MLM'} head (the checkpoint lacks "
+            f"{', '.join(sorted(new_head)[:3])}): cloze prompts are answered by the pretrained head, so use a "
+            "masked-LM or causal-LM checkpoint (e.g. the output_dir of toolkit pretrain with objective mlm or clm), "
+            "or another finetune.mode"
         )
     if recipe.prompt.tune == "lora":
         import peft
@@ -406,21 +407,29 @@ def build(recipe, model_dir: str, tokenizer):
 # ---- the saved prompt -------------------------------------------------------------------------------
 
 
-def write_prompt(folder: Path, prompt, labels: list[str], ids: list[list[int]], text_fields: list[str], max_len: int):
-    (folder / PROMPT_FILE).write_text(
-        json.dumps(
-            {
-                "templates": templates_of(prompt),
-                "verbalizer": {str(k): v for k, v in prompt.verbalizer.items()},
-                "labels": list(labels),
-                "verbalizer_ids": ids,
-                "text_fields": list(text_fields),
-                "max_seq_length": max_len,
-            },
-            indent=2,
+def write_prompt(
+    folder: Path, prompt, labels: list[str], ids, text_fields: list[str], max_len: int, causal: dict | None = None
+):
+    """prompt.json; for a causal LM (`causal`: causal.encode_task's answer) the ids of every piece of each
+    label word, the length normalisation and the demonstrations (texts and label ids) instead of
+    verbalizer_ids."""
+    content = {
+        "templates": templates_of(prompt),
+        "verbalizer": {str(k): v for k, v in prompt.verbalizer.items()},
+        "labels": list(labels),
+        "text_fields": list(text_fields),
+        "max_seq_length": max_len,
+    }
+    if causal is None:
+        content["verbalizer_ids"] = ids
+    else:
+        content.update(
+            model="causal",
+            label_word_ids=causal["words"],
+            length_normalize=prompt.length_normalize,
+            demonstrations=[{"texts": texts, "label": label} for texts, label in causal["demonstrations"]],
         )
-        + "\n"
-    )
+    (folder / PROMPT_FILE).write_text(json.dumps(content, indent=2) + "\n")
 
 
 def read_prompt(folder: Path) -> dict | None:
@@ -448,8 +457,48 @@ LOAD_ADAPTER = """base = AutoModelForMaskedLM.from_pretrained(PeftConfig.from_pr
 model = PeftModel.from_pretrained(base, path).eval()"""
 
 
+CAUSAL_USAGE = """# A causal LM scores each label's words after the prompt (see prompt.json). `toolkit predict {path} FILE.csv`
+# does it all; below, the first template without prompt.json's demonstrations or length normalisation.
+import json, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer{peft_import}
+
+path = "{path}"
+prompt = json.load(open(f"{{path}}/prompt.json"))
+tokenizer = AutoTokenizer.from_pretrained(path)
+{load}
+context = prompt["templates"][0].split("{{mask}}")[0].rstrip(" ").format(text="{example}")
+ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+
+def loglik(word_ids):  # sum of log p(word token | context, earlier word tokens)
+    seq = torch.tensor([ids + word_ids])
+    with torch.no_grad():
+        logp = model(seq).logits[0, :-1].log_softmax(-1)
+    return sum(logp[len(ids) - 1 + i, t].item() for i, t in enumerate(word_ids))
+
+scores = [sum(map(loglik, words)) / len(words) for words in prompt["label_word_ids"]]
+print(prompt["labels"][max(range(len(scores)), key=scores.__getitem__)])"""
+
+
+def _checkpoint_is_causal(recipe) -> bool:
+    from toolkit.models import is_causal_lm, load_config
+    from toolkit.paths import resolve_path
+
+    try:
+        return is_causal_lm(load_config(resolve_path(recipe.model.model_name_or_path), {}))
+    except (OSError, ValueError, ToolkitError):
+        return False
+
+
 def usage(recipe, path: str, example: str) -> str:
     lora = recipe.prompt.tune == "lora"
+    if _checkpoint_is_causal(recipe):
+        load = LOAD_MODEL if not lora else LOAD_ADAPTER
+        return CAUSAL_USAGE.format(
+            path=path,
+            example=example,
+            peft_import="\nfrom peft import PeftConfig, PeftModel" if lora else "",
+            load=load.replace("AutoModelForMaskedLM", "AutoModelForCausalLM"),
+        )
     return USAGE.format(
         path=path,
         example=example,
@@ -463,5 +512,9 @@ def describe(recipe) -> str:
     if recipe.training.num_train_epochs == 0 and recipe.training.max_steps <= 0:
         how = "zero-shot: no training"
     else:
-        how = f"prompt-based fine-tuning, {'the whole masked LM' if p.tune == 'full' else 'LoRA'}"
+        how = f"prompt-based fine-tuning, {'the whole model' if p.tune == 'full' else 'LoRA'}"
+    if _checkpoint_is_causal(recipe):  # a causal LM: the label words' likelihood after the prompt
+        how += "; label words scored by their log-likelihood after the prompt"
+        how += " (mean per token)" if p.length_normalize else " (summed over their tokens)"
+        how += f", {p.demonstrations} in-context demonstration(s)" if p.demonstrations else ""
     return f"cloze prompt ({how}; templates {templates_of(p)}, verbalizer {p.verbalizer})"

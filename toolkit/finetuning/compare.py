@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from toolkit.config import merge, recipe_data, resolve
+from toolkit.config import merge, normalize_overrides, recipe_data, resolve
 from toolkit.finetuning.config import FinetuneRecipe
 from toolkit.finetuning.pipeline import FinetuneResult
 
@@ -37,15 +37,26 @@ class CompareResult:
 
 
 def mode_recipes(recipe=None, overrides=None, **kwargs) -> tuple[FinetuneRecipe, dict[str, FinetuneRecipe]]:
-    """The shared recipe and one validated recipe per mode (output_dir/<mode>, its overrides applied).
-    Each mode derives its own defaults (its learning rate), also from an already-resolved recipe."""
+    """The shared recipe and one validated recipe per row (output_dir/<row>, its overrides applied). A row
+    is a mode, or a name of compare.variants (its mode and overrides; compare.mode_overrides of that
+    name come on top). Each row derives its own defaults (its mode's learning rate), also from an
+    already-resolved recipe."""
     shared = resolve(FinetuneRecipe, recipe, overrides, **kwargs)
     data = recipe_data(shared)
     per_mode = {}
-    for mode in shared.compare.modes:
-        mode_data = merge(data, {"finetune": {"mode": mode}, "output_dir": str(Path(shared.output_dir) / mode)})
-        per_mode[mode] = resolve(FinetuneRecipe, mode_data, shared.compare.mode_overrides.get(mode, {}))
+    for name in shared.compare.modes:
+        variant = normalize_overrides(shared.compare.variants.get(name, {}))
+        mode = variant.get("finetune", {}).get("mode", name)
+        row_data = merge(data, {"finetune": {"mode": mode}, "output_dir": str(Path(shared.output_dir) / name)})
+        extra = merge(variant, normalize_overrides(shared.compare.mode_overrides.get(name, {})))
+        per_mode[name] = resolve(FinetuneRecipe, row_data, extra)
     return shared, per_mode
+
+
+def seeded(row_recipe: FinetuneRecipe, seed: int) -> FinetuneRecipe:
+    """A row's recipe at another training.seed, into output_dir/<row>/seed-<seed>."""
+    at = {"training": {"seed": seed}, "output_dir": str(Path(row_recipe.output_dir) / f"seed-{seed}")}
+    return resolve(FinetuneRecipe, recipe_data(row_recipe), at)
 
 
 def describe_modes(recipe=None, overrides=None) -> str:
@@ -77,14 +88,21 @@ def compare(recipe=None, overrides=None, **kwargs) -> CompareResult:
     main = os.environ.get("RANK", "0") == "0"
     _import_before_measuring()
 
-    results, rows = {}, []
+    seeds = shared.compare.seeds
+    results, rows, plotted = {}, [], {}
     for mode, mode_recipe in per_mode.items():
-        if main:
-            print(f"\n==== compare: mode {mode} ({len(results) + 1} of {len(per_mode)}) -> {mode_recipe.output_dir}")
-        with PeakMemory() as memory:
-            result = run(mode_recipe)
-        results[mode] = result
-        rows.append(summarise(mode, mode_recipe, result, memory.peak_mib, data.problem_type))
+        runs = []
+        for seed in seeds or [None]:
+            one = mode_recipe if seed is None else seeded(mode_recipe, seed)
+            if main:
+                at = "" if seed is None else f", seed {seed}"
+                print(f"\n==== compare: {mode}{at} ({len(results) + 1} of {len(per_mode)}) -> {one.output_dir}")
+            with PeakMemory() as memory:
+                result = run(one)
+            runs.append(summarise(mode, one, result, memory.peak_mib, data.problem_type))
+            results.setdefault(mode, result)  # the first seed's run: its curve is the one plotted
+            plotted.setdefault(mode, one)
+        rows.append(spread(runs) if seeds else runs[0])
 
     table = markdown_table(rows, data.problem_type)
     md, csv_path, png = out / "comparison.md", out / "comparison.csv", out / "comparison.png"
@@ -92,14 +110,15 @@ def compare(recipe=None, overrides=None, **kwargs) -> CompareResult:
         out.mkdir(parents=True, exist_ok=True)
         header = (
             f"# Fine-tuning modes compared\n\nCheckpoint `{shared.model.model_name_or_path}`, {data.source}; "
-            f"rows: {', '.join(f'{k} {v}' for k, v in data.rows.items())}; seed {shared.training.seed}.\n\n"
+            f"rows: {', '.join(f'{k} {v}' for k, v in data.rows.items())}; "
+            + (f"seeds {seeds} (mean and standard deviation).\n\n" if seeds else f"seed {shared.training.seed}.\n\n")
         )
         md.write_text(header + table + "\n\n" + NOTES + "\n")
         with csv_path.open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        png = plot_curves(per_mode, results, png, data.problem_type)
+        png = plot_curves(plotted, results, png, data.problem_type)
     return CompareResult(table=table, rows=rows, markdown=md, csv=csv_path, plot=png, results=results)
 
 
@@ -133,8 +152,29 @@ def summarise(mode: str, recipe, result: FinetuneResult, peak_mib: float, proble
     return row
 
 
+TEST_METRICS = ("test_accuracy", "test_macro_f1", "test_mcc", "test_pearson", "test_spearman")
+
+
+def spread(runs: list[dict]) -> dict:
+    """One row from a row's runs over several seeds: the mean of every number, and the sample standard
+    deviation of the test metrics beside them (`<metric>_sd`)."""
+    import statistics
+
+    row = {"mode": runs[0]["mode"], "seeds": len(runs)}
+    for key in runs[0]:
+        if key == "mode":
+            continue
+        values = [r[key] for r in runs if r[key] is not None]
+        row[key] = statistics.fmean(values) if values else None
+        if key in TEST_METRICS:
+            row[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else None
+    return row
+
+
 COLUMNS = {  # key: (header, format)
     "mode": ("mode", "{}"),
+    "seeds": ("seeds", "{}"),
+    **{f"{k}_sd": (f"{k.removeprefix('test_').replace('_', '-')} sd", "{:.3f}") for k in TEST_METRICS},
     "test_accuracy": ("test accuracy", "{:.3f}"),
     "test_macro_f1": ("test macro-F1", "{:.3f}"),
     "test_mcc": ("test MCC", "{:.3f}"),

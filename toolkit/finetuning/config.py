@@ -153,7 +153,9 @@ class FinetuneArgs:
 
 @dataclass
 class PromptArgs:
-    """finetune.mode=cloze: the template the masked LM completes and the words that name the labels."""
+    """finetune.mode=cloze: the template the model completes and the words that name the labels. A masked
+    LM scores each label's word at {mask}; a causal LM (GPT-style) scores the likelihood of the label's
+    words after the template's text before {mask} (see toolkit/finetuning/causal.py)."""
 
     template: str | list | None = help_field(
         "Text with {text} (and {text_b} for pairs) and one {mask}, e.g. '{text} It was {mask}.'; a list of "
@@ -169,6 +171,16 @@ class PromptArgs:
     single_token: bool = help_field(
         "Refuse verbalizer words that are not one token of the vocabulary (instead of scoring their first piece).",
         default=False,
+    )
+    length_normalize: bool = help_field(
+        "Causal LMs: score a label word by the mean log-probability of its tokens instead of their sum (so "
+        "that long words are not penalised for their length).",
+        default=False,
+    )
+    demonstrations: int = help_field(
+        "Causal LMs: in-context examples before each prompt, drawn from the training split by training.seed and "
+        "rendered in the template with their true label's word (GPT-3 style); 0: none.",
+        default=0,
     )
     tune: str = help_field(
         "full (every weight of the masked LM, LM-BFF) or lora (LoRA adapters, finetune.lora_* keys); "
@@ -202,11 +214,24 @@ class FinetuneTrainingArgs(TrainingArgs):
 class CompareArgs:
     """`toolkit compare`: the modes run side by side on the same task, model and seed."""
 
-    modes: list = help_field("Modes to compare, in table order.", default_factory=lambda: ["frozen", "full", "prompt"])
+    modes: list = help_field(
+        "Rows of the comparison, in table order: modes (frozen, full, ...) or names of compare.variants.",
+        default_factory=lambda: ["frozen", "full", "prompt"],
+    )
     mode_overrides: dict = help_field(
-        "Per-mode recipe overrides, e.g. {frozen: {training.num_train_epochs: 10}}; they may not change the "
-        "model, the task or the seed.",
+        "Per-row recipe overrides (keyed by mode or variant name), e.g. {frozen: {training.num_train_epochs: 10}}; "
+        "they may not change the model, the task or the seed.",
         default_factory=dict,
+    )
+    variants: dict = help_field(
+        "Named rows: a name -> a mode plus overrides, so that one mode can appear in several rows, e.g. "
+        "{cloze-zero-shot: {finetune.mode: cloze, training.num_train_epochs: 0}}; list the name in compare.modes.",
+        default_factory=dict,
+    )
+    seeds: list = help_field(
+        "Run every row once per training.seed listed (e.g. [1, 2, 3, 4, 5] for K-shot runs, whose samples the seed "
+        "draws) and report the mean and spread; empty: one run at training.seed.",
+        default_factory=list,
     )
 
 
@@ -303,6 +328,10 @@ class FinetuneRecipe:
         if task.shots is not None and task.shots < 1:
             raise ToolkitError("task.shots must be at least 1 (examples per class), or null for all rows")
         check_choice("prompt.tune", self.prompt.tune, ("full", "lora"))
+        if not isinstance(self.prompt.demonstrations, int) or self.prompt.demonstrations < 0:
+            raise ToolkitError(
+                f"prompt.demonstrations={self.prompt.demonstrations!r} must be a whole number of examples (0: none)"
+            )
         if f.mode == "cloze":
             from toolkit.finetuning.cloze import check_prompt
 
@@ -312,10 +341,14 @@ class FinetuneRecipe:
 
         if not self.compare.modes:
             raise ToolkitError("compare.modes is empty: list at least one mode, e.g. [frozen, full, prompt]")
+        check_variants(self.compare.variants)
         for mode in self.compare.modes:
-            check_choice("compare.modes", mode, MODES)
+            check_choice("compare.modes", mode, (*MODES, *self.compare.variants))
         if len(set(self.compare.modes)) != len(self.compare.modes):
             raise ToolkitError(f"compare.modes lists a mode twice: {self.compare.modes}")
+        seeds = self.compare.seeds
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds) or len(set(seeds)) != len(seeds):
+            raise ToolkitError(f"compare.seeds must be distinct whole numbers, e.g. [1, 2, 3], got {seeds}")
         for mode, extra in self.compare.mode_overrides.items():
             if mode not in self.compare.modes:
                 raise ToolkitError(
@@ -334,6 +367,34 @@ class FinetuneRecipe:
 
 SHARED_SECTIONS = ("model", "task", "output_dir", "compare")  # prompt may differ per mode
 SHARED_KEYS = ("training.seed", "finetune.mode")
+
+
+def check_variants(variants: dict) -> None:
+    """compare.variants: each name a new row (not a mode's name) with a mode and overrides that keep the
+    comparison's shared model, task and seed."""
+    if not isinstance(variants, dict):
+        raise ToolkitError(
+            "compare.variants must map names to overrides, e.g. {cloze-zero-shot: {finetune.mode: cloze}}"
+        )
+    for name, extra in variants.items():
+        if name in MODES:
+            raise ToolkitError(
+                f"compare.variants.{name} has the name of a mode: give the variant another name (e.g. {name}-2), or "
+                f"put its overrides in compare.mode_overrides.{name}"
+            )
+        if not isinstance(extra, dict):
+            raise ToolkitError(f"compare.variants.{name} must be a mapping of recipe keys to values")
+        keys = _dotted(normalize_overrides(extra))
+        mode = normalize_overrides(extra).get("finetune", {}).get("mode")
+        if mode is None:
+            raise ToolkitError(f"compare.variants.{name} sets no finetune.mode: say which mode the variant runs")
+        check_choice(f"compare.variants.{name}.finetune.mode", mode, MODES)
+        shared = [k for k in keys if k.split(".")[0] in SHARED_SECTIONS or k == "training.seed"]
+        if shared:
+            raise ToolkitError(
+                f"compare.variants.{name} changes {', '.join(shared)}: the rows of a comparison share the model, "
+                "task, seed and output_dir; change them for the whole recipe instead"
+            )
 
 
 def _dotted(tree: dict, prefix: str = "") -> list[str]:

@@ -50,7 +50,7 @@ def run(recipe: FinetuneRecipe) -> FinetuneResult:
     from toolkit.finetuning import modes
     from toolkit.finetuning.tasks import load_task
     from toolkit.hf import quiet_datasets
-    from toolkit.models import check_model_dir, load_config
+    from toolkit.models import check_model_dir, is_causal_lm, load_config
     from toolkit.paths import resolve_path
     from toolkit.tokenizer import load_model_tokenizer
 
@@ -71,9 +71,23 @@ def run(recipe: FinetuneRecipe) -> FinetuneResult:
 
                 sample_shots(data, recipe.task.shots, recipe.training.seed)
             if f.mode == "cloze":  # templates rendered, verbalizer checked against the vocabulary
-                from toolkit.finetuning import cloze
+                from toolkit.finetuning import causal, cloze
 
-                loaded["verbalizer"] = cloze.encode_task(data, tokenizer, recipe.prompt, recipe.task.max_seq_length)
+                loaded["causal"] = is_causal_lm(load_config(model_dir, {}))
+                if loaded["causal"]:  # a GPT-style model: label words scored by their likelihood
+                    loaded["verbalizer"] = causal.encode_task(
+                        data, tokenizer, recipe.prompt, recipe.task.max_seq_length, recipe.training.seed
+                    )
+                elif recipe.prompt.demonstrations:
+                    from toolkit.errors import ToolkitError
+
+                    raise ToolkitError(
+                        f"prompt.demonstrations={recipe.prompt.demonstrations} is for causal LMs (in-context "
+                        f"examples before the prompt), and '{recipe.model.model_name_or_path}' is a masked LM: "
+                        "set prompt.demonstrations=0"
+                    )
+                else:
+                    loaded["verbalizer"] = cloze.encode_task(data, tokenizer, recipe.prompt, recipe.task.max_seq_length)
 
     def setup(accelerator, resume) -> Setup:
         tokenizer, data = loaded["tokenizer"], loaded["data"]
@@ -85,7 +99,7 @@ def run(recipe: FinetuneRecipe) -> FinetuneResult:
         if f.mode == "cloze":
             from toolkit.finetuning import cloze
 
-            built = cloze.build(recipe, model_dir, tokenizer)
+            built = cloze.build(recipe, model_dir, tokenizer, causal=loaded["causal"])
         else:
             built = modes.build(recipe, data, tokenizer, model_dir, accelerator.device)
         if main:
@@ -96,7 +110,7 @@ def run(recipe: FinetuneRecipe) -> FinetuneResult:
                 + (f"; new: {_summarise(built.new_weights)}" if built.new_weights else "")
             )
         objective, train_data, eval_data, test_data, feature_seconds = _objective_and_data(
-            recipe, data, built, tokenizer, model_dir, accelerator, loaded.get("verbalizer")
+            recipe, data, built, tokenizer, model_dir, accelerator, loaded.get("verbalizer"), loaded.get("causal")
         )
         test_examples: dict = {}
 
@@ -129,6 +143,7 @@ def run(recipe: FinetuneRecipe) -> FinetuneResult:
                     loaded["verbalizer"],
                     data.text_fields,
                     recipe.task.max_seq_length,
+                    causal=loaded["verbalizer"] if loaded["causal"] else None,
                 )
 
         from toolkit.finetuning.card import write_model_card
@@ -164,13 +179,25 @@ def run(recipe: FinetuneRecipe) -> FinetuneResult:
     )
 
 
-def _objective_and_data(recipe, data, built, tokenizer, model_dir, accelerator, verbalizer=None):
+def _objective_and_data(recipe, data, built, tokenizer, model_dir, accelerator, verbalizer=None, causal=False):
     """The training objective of the mode and the splits it reads (the frozen mode: cached features)."""
     from toolkit.finetuning import modes
     from toolkit.finetuning.objective import FrozenHead, SequenceClassifier
 
     f = recipe.finetune
     args = dataclasses.replace(f)
+    if f.mode == "cloze" and causal:
+        from toolkit.finetuning.causal import CausalClozeClassifier
+
+        objective = CausalClozeClassifier(
+            built.model,
+            args,
+            tokenizer.pad_token_id,
+            verbalizer["words"],
+            recipe.prompt.length_normalize,
+            recipe.task.max_seq_length,
+        )
+        return objective, data.train, data.validation, data.test, 0.0
     if f.mode == "cloze":
         from toolkit.finetuning.cloze import ClozeClassifier
 

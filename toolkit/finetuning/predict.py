@@ -68,16 +68,53 @@ def load_finetuned(path: str | Path):
 
 
 def _load_masked_lm(path: Path):
-    from transformers import AutoModelForMaskedLM
+    """The masked LM (or, for a causal LM's prompt, the causal LM) of a cloze folder."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
+    causal = json.loads((path / "prompt.json").read_text()).get("model") == "causal"
+    auto = AutoModelForCausalLM if causal else AutoModelForMaskedLM
     if not (path / "adapter_config.json").is_file():
-        return AutoModelForMaskedLM.from_pretrained(str(path)).eval()
+        return auto.from_pretrained(str(path)).eval()
     from peft import PeftConfig, PeftModel
 
     base = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
     if not Path(base).is_dir():
         raise ToolkitError(f"the base model of '{path}' is not on this machine: '{base}' (see adapter_config.json)")
-    return PeftModel.from_pretrained(AutoModelForMaskedLM.from_pretrained(base), str(path)).eval()
+    return PeftModel.from_pretrained(auto.from_pretrained(base), str(path)).eval()
+
+
+def _causal_logits(model, tokenizer, prompt: dict, table, fields: list[str], batch_size: int) -> torch.Tensor:
+    """Label scores of every row: the saved templates and demonstrations rendered, each label's words
+    scored by their likelihood after the prompt."""
+    from toolkit.finetuning import causal
+
+    demos = [(d["texts"], d["label"]) for d in prompt["demonstrations"]]
+    encoded = causal.encode(
+        table.select_columns(fields),
+        tokenizer,
+        prompt["templates"],
+        fields,
+        prompt["max_seq_length"],
+        prompt["label_word_ids"],
+        demos,
+    )
+    encoded = encoded.add_column("labels", [0] * len(encoded))
+    examples = causal.CausalExamples(encoded)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            b = examples.__getitems__(list(range(start, min(start + batch_size, len(examples)))))
+            out.append(
+                causal.label_scores(
+                    model,
+                    prompt["label_word_ids"],
+                    b["prompt_ids"],
+                    b["prompt_lengths"],
+                    tokenizer.pad_token_id,
+                    prompt["length_normalize"],
+                )
+            )
+    return torch.cat(out)
 
 
 def _cloze_logits(model, tokenizer, prompt: dict, table, fields: list[str], batch_size: int) -> torch.Tensor:
@@ -140,7 +177,8 @@ def predict(
         if prompt is None:
             encoded = tokenize(table, tokenizer, fields, max_len)
         else:
-            cloze_logits = _cloze_logits(model, tokenizer, prompt, table, fields, batch_size)
+            scorer = _causal_logits if prompt.get("model") == "causal" else _cloze_logits
+            cloze_logits = scorer(model, tokenizer, prompt, table, fields, batch_size)
     config = model.config
     if prompt is not None:  # the labels live in prompt.json; a masked LM's config has none
         config = SimpleNamespace(
