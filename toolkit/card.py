@@ -42,13 +42,18 @@ def write_model_card(folder: Path, recipe, stats: dict, metrics: dict) -> None:
         "",
         "## Data",
         f"- training files: {', '.join(map(str, d.train_files))}",
-        f"- {train.get('documents', '?')} documents, {train.get('tokens', '?')} tokens, "
-        + (
-            f"packed into {train.get('blocks', '?')} blocks of {d.max_seq_length} tokens"
-            + (" split at a sentence boundary into `[CLS] A [SEP] B [SEP]`" if stats.get("segments") == 2 else "")
-            if "examples" not in train
-            else f"{train['segments']} sentences -> {train['examples']} sentence pairs per epoch "
-            f"({recipe.objective.pair_sampling}) of at most {d.max_seq_length} tokens"
+        (
+            f"- streamed (data.streaming): {train.get('bytes', '?')} bytes of files read, tokenized and packed "
+            f"on the fly into blocks of {d.max_seq_length} tokens, shuffle buffer {d.shuffle_buffer}"
+            if getattr(d, "streaming", False)
+            else f"- {train.get('documents', '?')} documents, {train.get('tokens', '?')} tokens, "
+            + (
+                f"packed into {train.get('blocks', '?')} blocks of {d.max_seq_length} tokens"
+                + (" split at a sentence boundary into `[CLS] A [SEP] B [SEP]`" if stats.get("segments") == 2 else "")
+                if "examples" not in train
+                else f"{train['segments']} sentences -> {train['examples']} sentence pairs per epoch "
+                f"({recipe.objective.pair_sampling}) of at most {d.max_seq_length} tokens"
+            )
         ),
         f"- validation: {', '.join(map(str, d.validation_files)) if d.validation_files else f'{d.validation_split_percentage}% of documents held out (seed {t.seed})'}",
         "",

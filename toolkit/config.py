@@ -248,6 +248,17 @@ class DataArgs:
     cache_dir: str | None = help_field(
         "Where tokenized corpora are cached (default: $TOOLKIT_CACHE or ~/.cache/toolkit).", default=None
     )
+    streaming: bool = help_field(
+        "Read, tokenize and pack the training files on the fly (plain text or .jsonl, optionally .gz), each "
+        "process its own share of the documents, with no cache of the corpus and an exact resume; needs "
+        "training.max_steps, data.segments=1 for mlm/rtd, and data.validation_files (or "
+        "validation_split_percentage=0).",
+        default=False,
+    )
+    shuffle_buffer: int = help_field(
+        "Streaming: blocks held in the shuffle buffer (memory: this x max_seq_length x 4 bytes per process).",
+        default=1000,
+    )
 
 
 @dataclass
@@ -340,6 +351,8 @@ class PretrainRecipe:
             raise ToolkitError(f"data.max_seq_length={d.max_seq_length} is too short: use at least 8")
         if not d.validation_files and not 0 <= d.validation_split_percentage < 50:
             raise ToolkitError("data.validation_split_percentage must be in [0, 50)")
+        if d.streaming:
+            check_streaming(self)
         if self.tokenizer.kind is not None:
             check_choice("tokenizer.kind", self.tokenizer.kind, ("wordpiece", "bpe"))
         if self.tokenizer.extend_vocab < 0:
@@ -365,6 +378,37 @@ class PretrainRecipe:
                 "objective.mask_replace_prob and objective.random_replace_prob must be >= 0 and sum to at most 1"
             )
         t.validate()
+
+
+def check_streaming(recipe) -> None:
+    """What a streamed corpus (data.streaming) cannot be combined with, each one clear error."""
+    from toolkit.objectives import OBJECTIVES
+    from toolkit.objectives.base import Objective
+
+    d, t, objective = recipe.data, recipe.training, OBJECTIVES[recipe.objective.name]
+    if not d.validation_files and d.validation_split_percentage > 0:
+        raise ToolkitError(
+            f"data.streaming cannot hold out data.validation_split_percentage={d.validation_split_percentage}% of a "
+            "corpus it never holds whole: give data.validation_files, or set data.validation_split_percentage=0"
+        )
+    if objective.prepare_data.__func__ is not Objective.prepare_data.__func__:
+        raise ToolkitError(
+            f"data.streaming packs blocks for mlm, clm and rtd, not '{objective.name}': set data.streaming=false"
+        )
+    if objective.two_segments and d.segments == 2:
+        raise ToolkitError("data.streaming packs one run of text per block: set data.segments=1")
+    if objective.needs_word_starts(recipe.objective):
+        raise ToolkitError("data.streaming does not carry word starts: set objective.whole_word_mask=false")
+    if t.max_steps <= 0:
+        raise ToolkitError("data.streaming has no known epoch length: set training.max_steps")
+    if d.shuffle_buffer < 1:
+        raise ToolkitError(f"data.shuffle_buffer={d.shuffle_buffer} must be at least 1 (1: no shuffling)")
+    if t.dataloader_num_workers:
+        raise ToolkitError("data.streaming reads in the training process: set training.dataloader_num_workers=0")
+    if recipe.tokenizer.path is None and recipe.model.model_name_or_path is None:
+        raise ToolkitError(
+            "data.streaming needs a ready tokenizer (training one would read the whole corpus): set tokenizer.path"
+        )
 
 
 # --------------------------------------------------------------------------------------------

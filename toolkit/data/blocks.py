@@ -9,7 +9,7 @@ start of every block. Only the final remainder (shorter than one block) is dropp
 Encoder objectives that train both token types (mlm, rtd) ask for two segments per block instead:
 `[CLS] A [SEP] B [SEP]` split at a sentence boundary (`toolkit.data.segments`, `data.segments`).
 
-The blocks are written to an Arrow file under the cache folder whose name hashes everything they
+The blocks are written (token ids as uint16 when the vocabulary fits) to an Arrow file under the cache folder whose name hashes everything they
 depend on (input files with sizes and mtimes, reading settings, tokenizer, length, split seed), so
 a second run with the same inputs reuses them without tokenizing again.
 """
@@ -31,7 +31,7 @@ from toolkit.data.sentences import word_start_flags
 from toolkit.errors import ToolkitError
 from toolkit.tokenizer import separator_id
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: token ids in the smallest dtype that holds the vocabulary (token_dtype)
 
 
 def cache_root(cache_dir: str | None) -> Path:
@@ -41,6 +41,12 @@ def cache_root(cache_dir: str | None) -> Path:
 
 def tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+
+
+def token_dtype(tokenizer) -> str:
+    """The smallest Arrow integer type that holds every token id: uint16 below 65536 tokens (half
+    the cache of int32), else int32. Readers widen to int64 when they make tensors."""
+    return "uint16" if len(tokenizer) <= 2**16 else "int32"
 
 
 def hash_key(payload: dict) -> str:
@@ -210,7 +216,9 @@ def pack(tokens, tokenizer, max_seq_length: int, out_file: Path, word_starts: bo
     columns = ["input_ids"] + (["word_start"] if word_starts else [])
     features = datasets.Features(
         {
-            c: datasets.List(datasets.Value("int32" if c == "input_ids" else "int8"), length=max_seq_length)
+            c: datasets.List(
+                datasets.Value(token_dtype(tokenizer) if c == "input_ids" else "int8"), length=max_seq_length
+            )
             for c in columns
         }
     )

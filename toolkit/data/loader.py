@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import torch
 
 
@@ -109,7 +110,10 @@ class BlockDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict:
         rows = self.ds[indices]
-        batch = {c: torch.from_numpy(rows[c]).long() for c in self.columns if c not in ("length", "segment_b")}
+        # astype first: token ids may be stored as uint16 (toolkit.data.blocks.token_dtype)
+        batch = {
+            c: torch.from_numpy(rows[c].astype(np.int64)) for c in self.columns if c not in ("length", "segment_b")
+        }
         if "length" in self.columns:
             position = torch.arange(batch["input_ids"].shape[1])
             length = torch.from_numpy(rows["length"]).long()[:, None]

@@ -118,7 +118,9 @@ def pack(segments, tokenizer, max_seq_length: int, out_file: Path, word_starts: 
     cls, sep, pad = tokenizer.cls_token_id, separator_id(tokenizer), tokenizer.pad_token_id
     pad = sep if pad is None else pad
     rng = random.Random(example_seed(seed, "segments", split))
-    row = {"input_ids": datasets.List(datasets.Value("int32"), length=max_seq_length)}
+    from toolkit.data.blocks import token_dtype
+
+    row = {"input_ids": datasets.List(datasets.Value(token_dtype(tokenizer)), length=max_seq_length)}
     if word_starts:
         row["word_start"] = datasets.List(datasets.Value("int8"), length=max_seq_length)
     row.update(length=datasets.Value("int32"), segment_b=datasets.Value("int32"))

@@ -256,17 +256,22 @@ def train(job: Job, accelerator, resume: Path | None = None):
     main = accelerator.is_main_process
 
     # ---- data: global batches sliced per process, masking seeded per example -------------------
-    dataset = objective.make_dataset(job.train_data, split="train")
-    lengths = dataset.lengths() if t.group_by_length and hasattr(dataset, "lengths") else None
-    sampler = GlobalBatchSampler(len(dataset), t.per_device_train_batch_size, world, rank, t.seed, lengths=lengths)
-    if len(sampler) < accum:
+    streamed = getattr(job.train_data, "streaming", False)  # read on the fly: toolkit.data.streaming
+    if streamed:
+        dataset = job.train_data.open(world, rank)
+    else:
+        dataset = objective.make_dataset(job.train_data, split="train")
+        lengths = dataset.lengths() if t.group_by_length and hasattr(dataset, "lengths") else None
+        sampler = GlobalBatchSampler(len(dataset), t.per_device_train_batch_size, world, rank, t.seed, lengths=lengths)
+    if not streamed and len(sampler) < accum:
         raise ToolkitError(
             f"the training data has {len(dataset)} examples, fewer than one optimizer step needs "
             f"({t.per_device_train_batch_size} x {world} processes x {accum} accumulation steps): add text or "
             "lower training.per_device_train_batch_size / gradient_accumulation_steps"
         )
     collator = objective.make_collator(job.tokenizer, t.seed)
-    loader = make_loader(dataset, sampler, collator, t.dataloader_num_workers)
+    if not streamed:
+        loader = make_loader(dataset, sampler, collator, t.dataloader_num_workers)
     counts_flops = type(objective).flops is not Objective.flops  # the objective counts its FLOPs
     if t.max_flops is not None and not counts_flops:
         raise ToolkitError(
@@ -274,7 +279,7 @@ def train(job: Job, accelerator, resume: Path | None = None):
             "use training.max_steps or num_train_epochs"
         )
     if t.max_flops is None:
-        steps = total_steps(t, len(sampler))
+        steps = total_steps(t, 0 if streamed else len(sampler))
     else:  # a FLOP budget: the schedule's length estimated from the first steps' batches
         steps = budget_steps(job, accelerator, sampler, loader, collator)
     evals = eval_loader(job, accelerator, t.seed, t.max_eval_batches)
@@ -310,7 +315,7 @@ def train(job: Job, accelerator, resume: Path | None = None):
         "per_device_train_batch_size": t.per_device_train_batch_size,
         "gradient_accumulation_steps": accum,
         "seed": t.seed,
-        "train_examples": len(dataset),
+        "train_examples": "streamed" if streamed else len(dataset),
     }
     if resume is not None:
         state = checkpoint.read_state(resume)
@@ -322,6 +327,10 @@ def train(job: Job, accelerator, resume: Path | None = None):
                 "under the same stage), or start a new output_dir"
             )
         accelerator.load_state(str(resume))
+        if streamed:  # the stream's own position: a seek, not a replay
+            from toolkit.data.streaming import restore_position
+
+            restore_position(dataset, resume)
         if tensor_parallel:
             parallel.load_shards(model, optimizer, resume)
         step, tokens_seen, elapsed = state["step"], state["tokens_seen"], state.get("train_seconds", 0.0)
@@ -347,14 +356,27 @@ def train(job: Job, accelerator, resume: Path | None = None):
     if accelerator.trackers == [] and t.report_to:
         accelerator.init_trackers(job.name, config=job.tracker_config)
     log = MetricsLog(job.output_dir, accelerator, resume_step=step if resume is not None else None)
-    stream = MicroBatches(sampler, loader, collator, start=step * accum)
+    if streamed:
+        from toolkit.data.streaming import StreamBatches
+
+        stream = StreamBatches(dataset, t.per_device_train_batch_size, collator)
+    else:
+        stream = MicroBatches(sampler, loader, collator, start=step * accum)
+
+    def epoch_at(step: int) -> float:  # a stream counts passes over its files, not fractions
+        return float(stream.epoch) if streamed else step * accum / len(sampler)
+
     if main:
         print(
             f"training: {steps} steps, {distributed.describe(accelerator)}, "
             + (f"{layout.describe()} ({parallel.describe_plan(plan)} layers), " if tensor_parallel else "")
             + f"{optimizer_name(optimizer)}, global batch "
-            f"{t.per_device_train_batch_size * world * accum} x {objective.describe_example(job.train_data)}, "
-            f"{len(sampler) // accum} steps per epoch"
+            f"{t.per_device_train_batch_size * world * accum} x "
+            + (
+                f"{job.train_data.data.max_seq_length} tokens, streamed"
+                if streamed
+                else f"{objective.describe_example(job.train_data)}, {len(sampler) // accum} steps per epoch"
+            )
             + (f", resumed at step {step}" if step else "")
             + (f", a budget of {t.max_flops:.3g} FLOPs (about {steps} steps)" if t.max_flops is not None else "")
         )
@@ -365,7 +387,7 @@ def train(job: Job, accelerator, resume: Path | None = None):
         state = {
             **run_facts,
             "step": step,
-            "epoch": step * accum / len(sampler),
+            "epoch": epoch_at(step),
             "tokens_seen": tokens_seen,
             "train_seconds": elapsed,
             "optimizer_class": optimizer_name(optimizer),
@@ -374,10 +396,18 @@ def train(job: Job, accelerator, resume: Path | None = None):
             "total_steps": steps,
             "initial_eval": history.get("initial", {}),  # the model card's "before" column, after a resume
         }
+        extras = job.write_extras
+        if streamed:  # every process's stream position goes beside the checkpoint
+            from toolkit.data.streaming import gather_positions, write_positions
+
+            positions = gather_positions(accelerator, dataset)
+
+            def extras(folder):
+                job.write_extras(folder)
+                write_positions(folder, positions)
+
         shards = (lambda folder: parallel.save_shards(model, optimizer, folder)) if tensor_parallel else None
-        checkpoint.save(
-            accelerator, job.output_dir, step, state, job.write_extras, t.save_total_limit, seq=saves, shards=shards
-        )
+        checkpoint.save(accelerator, job.output_dir, step, state, extras, t.save_total_limit, seq=saves, shards=shards)
 
     history: dict = {}
     if evals is not None and t.eval_on_start and step == 0:
@@ -475,7 +505,7 @@ def train(job: Job, accelerator, resume: Path | None = None):
                 learning_rate=scheduler.get_last_lr()[0],
                 tokens_per_second=interval_tokens / max(interval_seconds, 1e-9),
                 tokens_seen=tokens_seen,
-                epoch=step * accum / len(sampler),
+                epoch=epoch_at(step),
             )
             if counts_flops:
                 values.update(meter.interval())  # step_flops, train_flops, mfu

@@ -116,6 +116,10 @@ class Objective(nn.Module):
         returning the (train, validation) documents, read only when the cache misses."""
         from toolkit.data.blocks import prepare_blocks
 
+        if recipe.data.streaming:  # read on the fly by each process (toolkit.data.streaming)
+            from toolkit.data.streaming import prepare_stream
+
+            return prepare_stream(recipe.data, tokenizer, seed)
         return prepare_blocks(
             recipe.data,
             tokenizer,
