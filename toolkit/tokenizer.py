@@ -150,3 +150,9 @@ def load_model_tokenizer(model_dir: str, tokenizer_dir: str | None = None):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def token_dtype(tokenizer) -> str:
+    """The smallest Arrow integer type that holds every token id: uint16 below 65536 tokens (half
+    the cache of int32), else int32. Readers widen to int64 when they make tensors."""
+    return "uint16" if len(tokenizer) <= 2**16 else "int32"

@@ -29,9 +29,9 @@ import numpy as np
 from toolkit.data import corpus
 from toolkit.data.sentences import word_start_flags
 from toolkit.errors import ToolkitError
-from toolkit.tokenizer import separator_id
+from toolkit.tokenizer import separator_id, token_dtype
 
-CACHE_VERSION = 2  # 2: token ids in the smallest dtype that holds the vocabulary (token_dtype)
+CACHE_VERSION = 2  # 2: token ids in the smallest dtype that holds the vocabulary (toolkit.tokenizer.token_dtype)
 
 
 def cache_root(cache_dir: str | None) -> Path:
@@ -41,12 +41,6 @@ def cache_root(cache_dir: str | None) -> Path:
 
 def tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
-
-
-def token_dtype(tokenizer) -> str:
-    """The smallest Arrow integer type that holds every token id: uint16 below 65536 tokens (half
-    the cache of int32), else int32. Readers widen to int64 when they make tensors."""
-    return "uint16" if len(tokenizer) <= 2**16 else "int32"
 
 
 def hash_key(payload: dict) -> str:

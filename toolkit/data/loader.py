@@ -110,7 +110,7 @@ class BlockDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict:
         rows = self.ds[indices]
-        # astype first: token ids may be stored as uint16 (toolkit.data.blocks.token_dtype)
+        # astype first: token ids may be stored as uint16 (toolkit.tokenizer.token_dtype)
         batch = {
             c: torch.from_numpy(rows[c].astype(np.int64)) for c in self.columns if c not in ("length", "segment_b")
         }

@@ -118,7 +118,7 @@ def pack(segments, tokenizer, max_seq_length: int, out_file: Path, word_starts: 
     cls, sep, pad = tokenizer.cls_token_id, separator_id(tokenizer), tokenizer.pad_token_id
     pad = sep if pad is None else pad
     rng = random.Random(example_seed(seed, "segments", split))
-    from toolkit.data.blocks import token_dtype
+    from toolkit.tokenizer import token_dtype
 
     row = {"input_ids": datasets.List(datasets.Value(token_dtype(tokenizer)), length=max_seq_length)}
     if word_starts:
