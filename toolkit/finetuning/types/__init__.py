@@ -55,9 +55,8 @@ def check_task_args(recipe) -> None:
     kind = task.type
     if kind is None and task.name in BUILTIN_TASKS:
         kind = BUILTIN_TASKS[task.name].task_type
-    if kind is not None:
-        for mode in dict.fromkeys([f.mode, *recipe.compare.modes]):
-            check_mode(kind, mode, "finetune.mode" if mode == f.mode else "compare.modes")
+    if kind is not None:  # (each mode of a comparison is validated as its own recipe)
+        check_mode(kind, f.mode)
     if kind not in (None, *CLASSIFICATION) and f.pooling == "mean":
         raise ToolkitError(
             f"finetune.pooling=mean pools one vector per text, which task.type={kind} does not use: set "
@@ -69,7 +68,7 @@ def check_task_args(recipe) -> None:
         raise ToolkitError("task.max_answer_length and task.n_best_size must be at least 1")
     if task.max_new_tokens < 1 or task.num_beams < 1:
         raise ToolkitError("task.max_new_tokens and task.num_beams must be at least 1")
-    if task.packing and f.mode == "prompt" or task.packing and "prompt" in recipe.compare.modes:
+    if task.packing and f.mode == "prompt":
         raise ToolkitError(
             "task.packing cannot be used with prompt tuning (the virtual tokens would need a place in every packed "
             "example's mask): set task.packing=false"

@@ -128,7 +128,7 @@ def _answers(value, where: str, row: int) -> dict:
 class QuestionAnswering(TaskType):
     name = "question_answering"
     auto_class = "AutoModelForQuestionAnswering"
-    pipeline_task = "question-answering"
+    pipeline_task = "question-answering"  # the Hub tag; transformers 5 has no such pipeline any more
     main_metric = "f1"
     text_fields = ("question", "context")
 
@@ -195,17 +195,30 @@ class QuestionAnswering(TaskType):
         return SpanExtractor(model, recipe.finetune, tokenizer.pad_token_id, recipe.task, data)
 
     def usage(self, path, adapter, base):
+        # transformers 5 removed pipeline("question-answering"): the plain forward and a span search
         load = (
             "from peft import AutoPeftModelForQuestionAnswering\n"
-            f'model = AutoPeftModelForQuestionAnswering.from_pretrained("{path}").merge_and_unload()\n'
+            f'model = AutoPeftModelForQuestionAnswering.from_pretrained("{path}").merge_and_unload().eval()\n'
             if adapter
-            else f'model = AutoModelForQuestionAnswering.from_pretrained("{path}")\n'
+            else f'model = AutoModelForQuestionAnswering.from_pretrained("{path}").eval()\n'
         )
         return (
-            "from transformers import AutoModelForQuestionAnswering, AutoTokenizer, pipeline\n"
+            "import torch\nfrom transformers import AutoModelForQuestionAnswering, AutoTokenizer\n\n"
             + load
-            + f'qa = pipeline("question-answering", model=model, tokenizer=AutoTokenizer.from_pretrained("{path}"))\n'
-            'print(qa(question="Where does Anna live?", context="Anna lives in Oslo."))'
+            + f'tokenizer = AutoTokenizer.from_pretrained("{path}")\n'
+            'question, context = "Where does Anna live?", "Anna lives in Oslo."\n'
+            'inputs = tokenizer(question, context, return_tensors="pt", return_offsets_mapping=True)\n'
+            'offsets = inputs.pop("offset_mapping")[0]\n'
+            "with torch.no_grad():\n"
+            "    out = model(**inputs)\n"
+            "context_tokens = torch.tensor([s == 1 for s in inputs.sequence_ids(0)])\n"
+            "start = out.start_logits[0].masked_fill(~context_tokens, -1e4)\n"
+            "end = out.end_logits[0].masked_fill(~context_tokens, -1e4)\n"
+            "scores = start[:, None] + end[None, :]  # best span with start <= end\n"
+            "scores = scores.masked_fill(~torch.ones_like(scores, dtype=torch.bool).triu(), -1e9)\n"
+            "s, e = divmod(int(scores.argmax()), scores.shape[1])\n"
+            "print(context[offsets[s][0] : offsets[e][1]])\n"
+            "# long contexts, several windows, unanswerable questions: toolkit predict FOLDER FILE"
         )
 
     def write_predictions(self, folder, data, examples, objective):
