@@ -412,3 +412,25 @@ def test_types_are_inferred_from_columns_and_the_dialogue_task_is_built_in():
     assert infer_type(["messages"], task) == "generation"
     assert infer_type(["text", "label"], task) == "sequence_classification"
     assert BUILTIN_TASKS["movie-dialog"].task_type == "generation"
+
+
+def test_compare_of_token_classification_modes_keeps_the_frozen_encoder_and_trains_a_lora_adapter(
+    tmp_path, bert_dir, conll_file
+):
+    from peft import PeftModel
+    from transformers import AutoModelForTokenClassification, BertForMaskedLM
+
+    r = _recipe(tmp_path / "cmp", bert_dir, train_file=str(conll_file))
+    r["compare"] = {"modes": ["frozen", "lora"]}
+    result = toolkit.compare(r)
+    assert [row["mode"] for row in result.rows] == ["frozen", "lora"]
+    assert all(row["test_f1"] is not None for row in result.rows) and "| test F1 |" in result.table
+    frozen = AutoModelForTokenClassification.from_pretrained(tmp_path / "cmp" / "frozen")
+    base = BertForMaskedLM.from_pretrained(bert_dir).bert.state_dict()
+    for name, value in frozen.bert.state_dict().items():
+        assert torch.equal(value, base[name]), name  # the encoder did not move
+    assert (tmp_path / "cmp" / "lora" / "adapter_config.json").is_file()
+    lora = PeftModel.from_pretrained(
+        AutoModelForTokenClassification.from_pretrained(bert_dir, config=frozen.config), tmp_path / "cmp" / "lora"
+    )
+    assert any("lora_A" in n for n, _ in lora.named_parameters())

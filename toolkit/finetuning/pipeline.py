@@ -49,7 +49,6 @@ def finetune(recipe=None, overrides: list[str] | dict | None = None, **kwargs) -
 
 def run(recipe: FinetuneRecipe) -> FinetuneResult:
     from toolkit.finetuning import modes
-    from toolkit.finetuning.tasks import load_task
     from toolkit.hf import quiet_datasets
     from toolkit.models import check_model_dir, load_config
     from toolkit.paths import resolve_path
@@ -68,18 +67,11 @@ def run(recipe: FinetuneRecipe) -> FinetuneResult:
         loaded["tokenizer"] = tokenizer = load_model_tokenizer(model_dir, tokenizer_dir)
         modes.check_lengths(recipe, load_config(model_dir, {}))
         with quiet_datasets():
-            loaded["type"] = kind = types.resolve_type(recipe.task)
-            types.check_mode(kind, f.mode)
-            if kind in types.CLASSIFICATION:
-                task = recipe.task
-                if kind == "regression":
-                    task = dataclasses.replace(task, problem_type="regression")
-                loaded["data"] = load_task(task, tokenizer)
-            else:
-                from toolkit.finetuning.types.base import load_data
-
-                loaded["plugin"] = types.plugin(kind)
-                loaded["data"] = load_data(loaded["plugin"], recipe.task, tokenizer)
+            kind = types.resolve_type(recipe.task)
+            types.check_mode(kind, f.mode)  # before the data is tokenized
+            kind, found, loaded["data"] = types.load_any(recipe.task, tokenizer)
+            if found is not None:
+                loaded["plugin"] = found
 
     def setup(accelerator, resume) -> Setup:
         tokenizer, data = loaded["tokenizer"], loaded["data"]

@@ -123,6 +123,24 @@ def resolve_type(task) -> str:
     return infer_type(table.column_names, task)
 
 
+def load_any(task, tokenizer) -> tuple[str, object, object]:
+    """(type, plug-in or None, data) of any task: classification through tasks.py, the rest through
+    their plug-ins."""
+    import dataclasses
+
+    from toolkit.finetuning.tasks import load_task
+
+    kind = resolve_type(task)
+    if kind in CLASSIFICATION:
+        if kind == "regression":
+            task = dataclasses.replace(task, problem_type="regression")
+        return kind, None, load_task(task, tokenizer)
+    from toolkit.finetuning.types.base import load_data
+
+    found = plugin(kind)
+    return kind, found, load_data(found, task, tokenizer)
+
+
 def plugin(task_type: str):
     """The plug-in object of a non-classification type."""
     if task_type == "token_classification":
