@@ -77,7 +77,13 @@ def run_toolkit(args, prep: dict) -> dict:
         "output_dir": str(out),
         "model": {"architecture": "bert", "size": "mini", "config_overrides": {"vocab_size": 30522}},
         "tokenizer": {"path": prep["tokenizer"]},
-        "data": {"train_files": [prep["train"]], "validation_split_percentage": 0, "max_seq_length": args.seq_len},
+        # one segment per block, as run_mlm.py packs them (no token types, no padding)
+        "data": {
+            "train_files": [prep["train"]],
+            "validation_split_percentage": 0,
+            "max_seq_length": args.seq_len,
+            "segments": 1,
+        },
         "objective": {"name": "mlm"},
         "training": {
             "max_steps": args.steps,
@@ -173,7 +179,9 @@ def validation_loss(args, prep: dict, model_dir: str) -> float:
     """Masked-LM loss on the held-out documents, same blocks and masks for both models."""
     from toolkit.evaluation import evaluate_model
 
-    return evaluate_model(model_dir, [prep["validation"]], max_seq_length=args.seq_len, batch_size=64)["loss"]
+    return evaluate_model(model_dir, [prep["validation"]], max_seq_length=args.seq_len, batch_size=64, segments=1)[
+        "loss"
+    ]
 
 
 def child(args) -> None:

@@ -81,8 +81,9 @@ def compress_recipe(out, model, sentiment_csv, **compress) -> dict:
 def safetensors_keys(folder: Path) -> list[str]:
     from safetensors import safe_open
 
-    keys = []
-    for f in folder.glob("*.safetensors"):
+    keys, files = [], sorted(folder.glob("*.safetensors"))
+    assert files, f"no .safetensors file in {folder}"  # a missing model must not pass as one without masks
+    for f in files:
         with safe_open(str(f), "pt") as fh:
             keys += list(fh.keys())
     return keys

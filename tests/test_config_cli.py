@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import yaml
 from conftest import REPO, run_cli, tiny_bert_recipe
 
+from toolkit.cli import main as cli_main
 from toolkit.config import PretrainRecipe, all_keys, parse_overrides, resolve
 from toolkit.errors import ToolkitError
 
@@ -37,8 +39,21 @@ def test_every_shipped_recipe_parses_and_validates(path):
 
 
 def test_recipe_folder_is_walked_recursively():
-    files = recipe_files()
-    assert {"bert-mlm.yaml", "gpt-clm.yaml"} <= {p.name for p in files}
+    """The walk that parametrises the test above finds every recipe file at every depth, compared with a
+    listing of the folder made here: a top-level glob would miss the launch configs in recipes/accelerate/
+    and the DeepSpeed files in recipes/accelerate/deepspeed/."""
+    root = REPO / "recipes"
+    listed = sorted(
+        Path(folder) / name
+        for folder, _, names in os.walk(root)
+        for name in names
+        if name.endswith((".yaml", ".yml", ".json"))
+    )
+    walked = recipe_files()
+    assert walked == listed
+    relative = {p.relative_to(root).as_posix() for p in walked}
+    assert {"bert-mlm.yaml", "accelerate/multi-cpu.yaml", "accelerate/deepspeed/zero3.json"} <= relative
+    assert {len(p.relative_to(root).parts) for p in walked} == {1, 2, 3}
 
 
 def test_overrides_are_parsed_as_yaml_and_win_over_the_file():
@@ -72,11 +87,50 @@ def test_overrides_are_parsed_as_yaml_and_win_over_the_file():
         ("objective.max_predictions_per_seq=2.5", "'objective.max_predictions_per_seq' must be of type int"),
         ("model.size=huge", "unknown model.size"),
         ("data.train_files=[]", "data.train_files is empty"),
+        ("training.max_eval_batches=0", "training.max_eval_batches must be at least 1, or null"),
     ],
 )
 def test_bad_recipe_values_fail_with_a_clear_message(override, message):
     with pytest.raises(ToolkitError, match=message.replace("(", r"\(").replace(")", r"\)")):
         resolve(PretrainRecipe, REPO / "recipes" / "bert-mlm.yaml", [override])
+
+
+def test_yaml_booleans_in_text_fields_read_as_the_word_typed(tmp_path, capsys):
+    """YAML 1.1 reads an unquoted `no`/`off` as false and `yes`/`on` as true: `training.mixed_precision=no`
+    (accelerate's spelling) works on the command line and in a file, and a choice that has no such word
+    still gets its own clear error rather than a type error."""
+
+    def dry_run(*args) -> tuple[int, dict | None, str]:
+        code = cli_main(["pretrain", *args, "--dry-run"])
+        out, err = capsys.readouterr()
+        return code, yaml.safe_load(out) if code == 0 else None, err
+
+    bert_mlm = REPO / "recipes" / "bert-mlm.yaml"
+    for typed in ("no", "off", "NO"):
+        code, resolved, err = dry_run(
+            str(bert_mlm), "training.mixed_precision=bf16", f"training.mixed_precision={typed}"
+        )
+        assert code == 0, err
+        assert resolved["training"]["mixed_precision"] == "no"
+
+    text = bert_mlm.read_text()
+    assert '  mixed_precision: "no"' in text
+    unquoted = tmp_path / "unquoted.yaml"
+    unquoted.write_text(text.replace('  mixed_precision: "no"', "  mixed_precision: no"))
+    assert yaml.safe_load(unquoted.read_text())["training"]["mixed_precision"] is False  # what YAML itself reads
+    code, resolved, err = dry_run(str(unquoted))
+    assert code == 0, err
+    assert resolved["training"]["mixed_precision"] == "no"
+
+    code, _, err = dry_run(str(bert_mlm), "training.mixed_precision=yes")
+    assert code == 2 and "error: unknown training.mixed_precision 'yes'" in err
+    code, _, err = dry_run(str(bert_mlm), "tokenizer.kind=off")  # a `str | None` field
+    assert code == 2 and "error: unknown tokenizer.kind 'no'" in err
+    code = cli_main(["finetune", str(REPO / "recipes" / "finetune-full.yaml"), "finetune.mode=no", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: unknown finetune.mode 'no'" in err and "must be of type" not in err
+    # boolean fields stay booleans
+    assert resolve(PretrainRecipe, bert_mlm, ["training.eval_on_start=no"]).training.eval_on_start is False
 
 
 def test_help_is_instant_and_documents_commands():

@@ -13,7 +13,7 @@ from toolkit.config import DataArgs
 from toolkit.data import blocks as block_data
 from toolkit.data.collators import MaskedLMCollator
 from toolkit.data.corpus import expand, load_documents
-from toolkit.data.loader import BlockDataset, GlobalBatchSampler
+from toolkit.data.loader import BlockDataset, GlobalBatchSampler, ShardSampler
 from toolkit.errors import ToolkitError
 from toolkit.tokenizer import load_tokenizer
 
@@ -262,6 +262,43 @@ def test_sampler_splits_global_batches_identically_across_processes():
     assert list(resumed) == one[3:]
 
 
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_capped_evaluation_is_one_global_set_whatever_the_number_of_processes(world):
+    """max_eval_batches=3 of batch 4 evaluates examples 0-11 in all: with 1, 2 or 3 processes the shards
+    are disjoint, cover exactly that set, and keep to the batch size; without a cap, everything."""
+    shards = [list(ShardSampler(50, 4, world, rank, limit=3 * 4)) for rank in range(world)]
+    taken = [i for shard in shards for batch in shard for i in batch]
+    assert sorted(taken) == list(range(12)) and len(set(taken)) == len(taken)
+    assert all(0 < len(batch) <= 4 for shard in shards for batch in shard)
+    assert [i for batch in shards[world - 1] for i in batch] == list(range(world - 1, 12, world))  # i on i % world
+    whole = [i for rank in range(world) for batch in ShardSampler(50, 4, world, rank) for i in batch]
+    assert sorted(whole) == list(range(50))
+    beyond = [i for rank in range(world) for batch in ShardSampler(10, 4, world, rank, limit=40) for i in batch]
+    assert sorted(beyond) == list(range(10))
+
+
+def test_eval_loader_caps_the_global_set_and_refuses_a_process_with_nothing(tmp_path):
+    from types import SimpleNamespace
+
+    from toolkit.config import TrainingArgs
+    from toolkit.engine.loop import Job, eval_loader
+
+    objective = SimpleNamespace(make_collator=lambda *a, **k: None, make_dataset=lambda data, split: data)
+    job = Job(objective, None, None, list(range(40)), TrainingArgs(per_device_eval_batch_size=3), tmp_path)
+
+    def shard(world, rank, max_batches):
+        accelerator = SimpleNamespace(num_processes=world, process_index=rank)
+        return list(eval_loader(job, accelerator, 0, max_batches).batch_sampler)
+
+    assert shard(1, 0, 2) == [[0, 1, 2], [3, 4, 5]]  # 2 batches of 3, as before on one process
+    assert shard(2, 0, 2) == [[0, 2, 4]] and shard(2, 1, 2) == [[1, 3, 5]]  # the same 6 examples, shared
+    assert [i for b in shard(2, 0, None) + shard(2, 1, None) for i in b] == list(range(0, 40, 2)) + list(
+        range(1, 40, 2)
+    )
+    with pytest.raises(ToolkitError, match="evaluation set has 3 examples, fewer than the 4 processes"):
+        shard(4, 0, 1)
+
+
 def test_corpus_too_small_for_one_block(tmp_path, tokenizer):
     (tmp_path / "small.txt").write_text("just a few words")
     data = DataArgs(train_files=[str(tmp_path / "small.txt")], validation_split_percentage=0, max_seq_length=128)
@@ -280,3 +317,72 @@ def test_tokenizer_training_is_reproducible(corpus_dir):
     tok = train_tokenizer(texts, "wordpiece", vocab_size=800)
     assert set(tok.all_special_tokens) == {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"}
     assert tok.tokenize("##e") != ["##e"]  # continuation pieces are vocabulary, not special tokens
+
+
+@pytest.fixture(scope="module")
+def two_segments(tokenizer, corpus_dir):
+    data = DataArgs(train_files=[str(corpus_dir)], max_seq_length=64, validation_split_percentage=0)
+    blocks = block_data.prepare_blocks(data, tokenizer, seed=0, word_starts=True, segments=2)
+    return data, blocks, BlockDataset(blocks.train).__getitems__(list(range(len(blocks.train))))
+
+
+def test_two_segment_blocks_are_cls_a_sep_b_sep_with_token_types(tokenizer, two_segments):
+    _, blocks, batch = two_segments
+    cls, sep, pad = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
+    ids, types = batch["input_ids"], batch["token_type_ids"]
+    lengths, starts_b = (np.array(blocks.train[c]) for c in ("length", "segment_b"))
+    one_segment = 0
+    for row, n, b in zip(ids.tolist(), lengths.tolist(), starts_b.tolist()):
+        assert row[0] == cls and row[n - 1] == sep and all(t == pad for t in row[n:])
+        assert pad not in row[:n] and cls not in row[1:n]
+        assert all(not (x == y == sep) for x, y in zip(row, row[1:]))  # never a doubled [SEP]
+        if b == n:  # one segment, as ELECTRA makes 10% of its examples
+            one_segment += 1
+        else:  # [CLS] A [SEP] B [SEP], both segments holding text
+            assert row[b - 1] == sep and b - 1 > 1 and n - 1 > b
+            assert row[1] != sep and row[b] != sep
+    assert (types == ((torch.arange(ids.shape[1]) >= torch.tensor(starts_b)[:, None]) & (ids != pad))).all()
+    assert types.sum(1).gt(0).float().mean() == pytest.approx(0.9, abs=0.04)
+    assert one_segment / len(ids) == pytest.approx(0.1, abs=0.04)
+    # Only the 5% of blocks with a shorter target (and a block ending with a document) hold padding.
+    padding = (ids == pad).float().mean().item()
+    assert 0 < padding < 0.05 and f"padding {100 * padding:.1f}%" in blocks.summary()
+    assert "attention_mask" in batch and torch.equal(batch["attention_mask"], (ids != pad).long())
+
+
+def test_two_segment_blocks_keep_every_token_in_order(tokenizer, two_segments):
+    from toolkit.data.pairs import tokenize_sentences
+
+    data, blocks, batch = two_segments
+    docs = block_data.split_documents(data, 0, expand(data.train_files), [])[0]
+    sentences = tokenize_sentences(docs, tokenizer, data.max_seq_length, None, True)
+    stream = np.concatenate([np.array(ids, dtype=np.int64) for ids in sentences["ids"]])
+    specials = torch.tensor([tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id])
+    ids = batch["input_ids"]
+    text = ids[~torch.isin(ids, specials)].numpy()
+    # Specials aside, the blocks are the sentence stream, in order, less a remainder shorter than a block.
+    assert len(stream) - len(text) < data.max_seq_length and (stream[: len(text)] == text).all()
+    starts = np.concatenate([np.array(s, dtype=np.int64) for s in sentences["word_start"]])
+    assert (batch["word_start"][~torch.isin(ids, specials)].numpy() == starts[: len(text)]).all()
+    # One separator per document end at most (those at the end of a segment are that segment's [SEP]).
+    n_sep = (ids == tokenizer.sep_token_id).sum().item()
+    n_two = (batch["token_type_ids"].sum(1) > 0).sum().item()
+    assert len(ids) + n_two <= n_sep <= len(ids) + n_two + blocks.stats["train"]["documents"]
+
+
+def test_two_segment_blocks_mask_whole_words_and_cache_apart(tokenizer, two_segments, corpus_dir):
+    data, blocks, batch = two_segments
+    out = MaskedLMCollator(tokenizer, seed=3, whole_word_mask=True)(batch)
+    assert torch.equal(out["token_type_ids"], batch["token_type_ids"])  # passed on to the model
+    chosen, starts = out["labels"] != -100, batch["word_start"].bool()
+    special = torch.isin(batch["input_ids"], torch.tensor(tokenizer.all_special_ids))
+    assert not (chosen & special).any()
+    cont = ~starts[:, 1:] & ~special[:, 1:] & ~special[:, :-1]
+    assert cont.any() and torch.equal(chosen[:, 1:][cont], chosen[:, :-1][cont])
+    # One-segment blocks of the same corpus are another cache entry, without token types.
+    one = block_data.prepare_blocks(data, tokenizer, seed=0, word_starts=True, segments=1)
+    assert one.path != blocks.path and "length" not in one.train.column_names
+    assert "token_type_ids" not in BlockDataset(one.train).__getitems__([0, 1])
+    # The layout is drawn from the seed.
+    other = block_data.prepare_blocks(data, tokenizer, seed=1, word_starts=True, segments=2)
+    assert other.path != blocks.path and other.train["segment_b"] != blocks.train["segment_b"]

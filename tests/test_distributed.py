@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -66,3 +67,43 @@ def test_two_processes_equal_one_process_with_double_batch_and_with_accumulation
         assert sum(diffs) / len(diffs) < 2e-5, (name, diffs)  # mean difference
     summary = json.loads((tmp_path / "ddp" / "checkpoints").joinpath("checkpoint-8", "trainer_state.json").read_text())
     assert summary["tokens_seen"] == 8 * 8 * 32
+
+
+@pytest.mark.multiproc
+def test_capped_evaluation_is_the_same_set_with_two_processes(tmp_path, corpus_dir, wordpiece_dir):
+    """training.max_eval_batches caps the *global* evaluation set (its first 2 x 16 blocks), which the
+    processes then share: the same model scores the same eval_loss and accuracy on 2 processes as on 1.
+    Masking in evaluation is seeded per example, so only the set of blocks could differ (a per-process
+    cap let 2 processes evaluate 64 blocks where 1 evaluated 32)."""
+    recipe = tiny_bert_recipe(
+        tmp_path / "unused",
+        corpus_dir,
+        wordpiece_dir,
+        max_steps=1,
+        warmup_steps=0,
+        per_device_train_batch_size=4,
+        max_eval_batches=2,
+    )
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+
+    two = launch_two_processes("pretrain", str(path), f"output_dir={tmp_path / 'two'}")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert read_state(complete_checkpoints(tmp_path / "two")[-1][1])["world_size"] == 2
+    # one process with the same global batch (2 x 4), so the model after the step is the same too
+    one = run_cli("pretrain", str(path), f"output_dir={tmp_path / 'one'}", "training.per_device_train_batch_size=8")
+    assert one.returncode == 0, one.stderr[-2000:]
+    validation_blocks = int(re.search(r"validation (\d+) blocks", one.stdout).group(1))
+    assert validation_blocks >= 2 * 2 * 16  # enough blocks that a per-process cap would take more on 2 processes
+
+    def evals(out) -> list[dict]:
+        return [m for m in read_metrics(out) if "eval_loss" in m]
+
+    (before_1, after_1), (before_2, after_2) = evals(tmp_path / "one"), evals(tmp_path / "two")
+    assert before_1["step"] == before_2["step"] == 0 and after_1["step"] == after_2["step"] == 1
+    # the same initial model: equal up to the order of the sums
+    assert before_2["eval_loss"] == pytest.approx(before_1["eval_loss"], abs=1e-5)
+    assert before_2["eval_mlm_accuracy"] == pytest.approx(before_1["eval_mlm_accuracy"], abs=1e-9)
+    # after one step of the same global batch
+    assert after_2["eval_loss"] == pytest.approx(after_1["eval_loss"], abs=1e-4)
+    assert after_1["eval_loss"] != pytest.approx(before_1["eval_loss"], abs=1e-4)  # the step did move the model

@@ -14,7 +14,7 @@ from toolkit.config import PretrainRecipe, merge, resolve
 from toolkit.engine.tracking import read_metrics
 from toolkit.errors import ToolkitError
 from toolkit.objectives import OBJECTIVES
-from toolkit.objectives.electra import generator_config, gumbel_max
+from toolkit.objectives.electra import electra_model, generator_config, gumbel_max
 from toolkit.tokenizer import load_tokenizer
 
 TINY_ELECTRA = {**TINY_MODEL, "embedding_size": 32}  # discriminator hidden 64 -> generator hidden 16
@@ -69,13 +69,68 @@ def test_generator_is_the_configured_fraction_of_the_discriminator(tmp_path, cor
     assert gen.num_hidden_layers == disc.num_hidden_layers and gen.embedding_size == disc.embedding_size
     half = make_objective(tmp_path, corpus_dir, tokenizer, generator_hidden_fraction=0.5).generator.config
     assert half.hidden_size == disc.hidden_size // 2
-    # The published sizes: ELECTRA-Small (hidden 256 -> 64, 1 head), ELECTRA-Base at 1/3 (768 -> 256, 4 heads).
     from transformers import ElectraConfig
 
     small = generator_config(ElectraConfig(hidden_size=256, num_attention_heads=4), 0.25)
-    base = generator_config(ElectraConfig(hidden_size=768, num_attention_heads=12), 1 / 3)
     assert (small.hidden_size, small.num_attention_heads, small.intermediate_size) == (64, 1, 256)
-    assert (base.hidden_size, base.num_attention_heads, base.intermediate_size) == (256, 4, 1024)
+
+
+def electra_preset(tmp_path, corpus_dir, tokenizer, size, layers=None, **objective):
+    """An rtd objective on a size preset (optionally fewer layers, to build quickly)."""
+    recipe = electra_recipe(tmp_path, corpus_dir)
+    recipe["model"] = {"architecture": "electra", "size": size, "config_overrides": {}}
+    if layers:
+        recipe["model"]["config_overrides"]["num_hidden_layers"] = layers
+    recipe["objective"].update(objective)
+    torch.manual_seed(0)
+    return OBJECTIVES["rtd"].from_recipe(resolve(PretrainRecipe, recipe), tokenizer)
+
+
+def shape(config) -> tuple:
+    return (
+        config.num_hidden_layers,
+        config.hidden_size,
+        config.num_attention_heads,
+        config.intermediate_size,
+        config.embedding_size,
+    )
+
+
+def test_electra_presets_size_the_generator_and_masking_as_the_paper(tmp_path, corpus_dir, tokenizer):
+    # ELECTRA-Small: 12 x 256, 4 heads, embeddings 128; generator 1/4 (64, 1 head), as deep.
+    small = electra_preset(tmp_path, corpus_dir, tokenizer, "small")
+    assert shape(small.model.config) == (12, 256, 4, 1024, 128)
+    assert shape(small.generator.config) == (12, 64, 1, 256, 128)
+    # ELECTRA-Base: 12 x 768; generator 1/3 (256, 4 heads).
+    base = electra_preset(tmp_path, corpus_dir, tokenizer, "base")
+    assert shape(base.model.config) == (12, 768, 12, 3072, 768)
+    assert shape(base.generator.config) == (12, 256, 4, 1024, 768)
+    assert small.make_collator(tokenizer, 0).masker.mlm_probability == 0.15
+    assert base.make_collator(tokenizer, 0).masker.mlm_probability == 0.15
+    # The recipe's own fraction wins.
+    quarter = electra_preset(tmp_path, corpus_dir, tokenizer, "base", layers=1, generator_hidden_fraction=0.25)
+    assert quarter.generator.config.hidden_size == 192
+    # ELECTRA-Large (24 x 1024; one layer here, to build quickly): generator 1/4, 25% of tokens masked.
+    large = electra_preset(tmp_path, corpus_dir, tokenizer, "large", layers=1)
+    assert shape(large.model.config)[1:] == (1024, 16, 4096, 1024)
+    assert shape(large.generator.config)[1:] == (256, 4, 1024, 1024)
+    assert large.make_collator(tokenizer, 0).masker.mlm_probability == 0.25
+    set_large = electra_preset(tmp_path, corpus_dir, tokenizer, "large", layers=1, mlm_probability=0.15)
+    assert set_large.make_collator(tokenizer, 0).masker.mlm_probability == 0.15
+
+
+def test_a_checkpoint_is_sized_by_its_dimensions(tmp_path, corpus_dir, tokenizer):
+    from transformers import ElectraConfig, ElectraForPreTraining
+
+    from toolkit.config import ObjectiveArgs
+
+    assert electra_model(ElectraConfig(num_hidden_layers=12, hidden_size=768)) == "base"
+    assert electra_model(ElectraConfig(num_hidden_layers=24, hidden_size=1024)) == "large"
+    assert electra_model(ElectraConfig(num_hidden_layers=4, hidden_size=256)) is None  # mini: not ELECTRA's
+    tiny = ElectraForPreTraining(ElectraConfig(vocab_size=len(tokenizer), **TINY_ELECTRA))
+    objective = OBJECTIVES["rtd"](tiny, ObjectiveArgs(name="rtd"))
+    assert objective.size is None and objective.generator.config.hidden_size == 16
+    assert objective.make_collator(tokenizer, 0).masker.mlm_probability == 0.15
 
 
 def test_masking_follows_electra(tmp_path, corpus_dir, tokenizer, blocks):

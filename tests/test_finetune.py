@@ -209,7 +209,8 @@ def test_frozen_on_an_electra_discriminator(tmp_path, electra_ckpt, data_dir, mo
     result = toolkit.finetune(recipe(tmp_path / "electra", electra_ckpt, data_dir / "sentiment.csv", "frozen"))
     changed, same = _changed(before, result.model)
     assert changed and all(n.startswith("classifier.") for n in changed)
-    assert all(n in same for n in before if n.startswith("electra."))
+    encoder = [n for n in before if n.startswith("electra.")]
+    assert encoder and all(n in same for n in encoder)
     reloaded = AutoModelForSequenceClassification.from_pretrained(result.output_dir).eval()
     batch = _batch(AutoTokenizer.from_pretrained(result.output_dir), TEXTS)
     with torch.no_grad():
@@ -592,8 +593,10 @@ def test_compare_runs_each_mode_and_writes_table_csv_and_plot(tmp_path, bert_ckp
     with result.csv.open() as fh:
         assert len(list(csv.DictReader(fh))) == 3
     assert result.plot.stat().st_size > 1000
-    for mode in ("frozen", "full", "prompt"):
-        assert (tmp_path / "cmp" / mode / "README.md").is_file()
+    kinds = {"frozen": "frozen encoder", "full": "full fine-tuning", "prompt": "PEFT prompt tuning"}
+    for mode, kind in kinds.items():  # each mode's own model card, not just a file of that name
+        card = (tmp_path / "cmp" / mode / "README.md").read_text()
+        assert card.startswith(f"# {mode}\n") and kind in card and "| accuracy |" in card
 
 
 def test_compare_rejects_overrides_that_break_the_comparison(tmp_path, bert_ckpt, data_dir):

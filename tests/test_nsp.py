@@ -311,7 +311,9 @@ def test_mlm_nsp_resume_across_an_epoch_boundary_equals_uninterrupted(tmp_path, 
     resumed = toolkit.pretrain(recipe, training__resume_from_checkpoint="auto")
     assert resumed.metrics["train_epoch"] > 1  # the run did cross an epoch boundary
     assert [m["loss"] for m in read_metrics(resumed.output_dir) if "loss" in m] == pytest.approx(losses, abs=1e-6)
-    for k, v in load_file(resumed.output_dir / "model.safetensors").items():
+    resumed_weights = load_file(resumed.output_dir / "model.safetensors")
+    assert resumed_weights.keys() == weights.keys()
+    for k, v in resumed_weights.items():
         torch.testing.assert_close(v, weights[k], rtol=0, atol=1e-6)
 
 

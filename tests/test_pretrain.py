@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_cli, tiny_bert_recipe, tiny_gpt_recipe
+from conftest import TINY_MODEL, run_cli, tiny_bert_recipe, tiny_gpt_recipe
 
 import toolkit
 import toolkit.errors
@@ -95,7 +95,9 @@ def test_resume_from_step_10_equals_uninterrupted_20(tmp_path, corpus_dir, wordp
     (full.output_dir / "model.safetensors").unlink()
     resumed = toolkit.pretrain(recipe, training__resume_from_checkpoint="auto")
     assert _train_losses(resumed.output_dir) == pytest.approx(straight, abs=1e-6)
-    for k, v in _weights(resumed.output_dir).items():
+    resumed_state = _weights(resumed.output_dir)
+    assert resumed_state.keys() == final_state.keys()
+    for k, v in resumed_state.items():
         torch.testing.assert_close(v, final_state[k], rtol=0, atol=1e-6)
 
 
@@ -110,6 +112,7 @@ def test_extending_a_finished_run_equals_a_longer_run(tmp_path, corpus_dir, word
     assert extended.metrics["steps"] == 20
     assert _train_losses(extended.output_dir) == pytest.approx(_train_losses(straight.output_dir), abs=1e-6)
     a, b = _weights(extended.output_dir), _weights(straight.output_dir)
+    assert a.keys() == b.keys()
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
 
@@ -132,8 +135,9 @@ def _weights(output_dir) -> dict:
 
 def test_metrics_jsonl_is_json_lines(tmp_path, corpus_dir, wordpiece_dir):
     result = toolkit.pretrain(tiny_bert_recipe(tmp_path / "m", corpus_dir, wordpiece_dir, max_steps=3))
-    for line in (result.output_dir / "metrics.jsonl").read_text().splitlines():
-        assert "step" in json.loads(line)
+    rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all("step" in row for row in rows)
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3]  # logging_steps=1: one line per step
 
 
 def test_continue_from_a_checkpoint_folder_starts_where_it_ended(tmp_path, corpus_dir, wordpiece_dir):
@@ -184,3 +188,33 @@ def test_num_train_epochs_sets_the_number_of_steps(tmp_path, corpus_dir, wordpie
         ]
     )
     assert result.metrics["steps"] == math.ceil(0.05 * (blocks // 8))
+
+
+@pytest.mark.parametrize("segments", [2, 1])
+def test_two_segment_blocks_train_the_second_token_type(tmp_path, corpus_dir, wordpiece_dir, segments):
+    """Sentence-pair fine-tuning feeds token type 1: two-segment blocks (the default) train its
+    embedding row; one-segment blocks leave it as initialised (weight decay off to see it exactly)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from toolkit.tokenizer import load_tokenizer
+
+    start = tmp_path / "start"
+    config = BertConfig(vocab_size=len(load_tokenizer(wordpiece_dir)), **TINY_MODEL)
+    torch.manual_seed(0)
+    BertForMaskedLM(config).save_pretrained(start)
+    initial = BertForMaskedLM.from_pretrained(start).bert.embeddings.token_type_embeddings.weight.detach().clone()
+    recipe = tiny_bert_recipe(
+        tmp_path / "out", corpus_dir, wordpiece_dir, max_steps=3, weight_decay=0.0, eval_on_start=False
+    )
+    recipe["model"] = {"model_name_or_path": str(start)}
+    recipe["data"]["segments"] = segments
+    result = toolkit.pretrain(recipe)
+    trained = result.model.bert.embeddings.token_type_embeddings.weight.detach()
+    assert not torch.equal(trained[0], initial[0])  # type 0 trains either way
+    card = (result.output_dir / "README.md").read_text()
+    if segments == 2:
+        assert (trained[1] - initial[1]).abs().max() > 1e-3
+        assert "`[CLS] A [SEP] B [SEP]`" in card
+    else:
+        assert torch.equal(trained[1], initial[1])
+        assert "[SEP] B" not in card

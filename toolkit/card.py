@@ -45,6 +45,7 @@ def write_model_card(folder: Path, recipe, stats: dict, metrics: dict) -> None:
         f"- {train.get('documents', '?')} documents, {train.get('tokens', '?')} tokens, "
         + (
             f"packed into {train.get('blocks', '?')} blocks of {d.max_seq_length} tokens"
+            + (" split at a sentence boundary into `[CLS] A [SEP] B [SEP]`" if stats.get("segments") == 2 else "")
             if "examples" not in train
             else f"{train['segments']} sentences -> {train['examples']} sentence pairs per epoch "
             f"({recipe.objective.pair_sampling}) of at most {d.max_seq_length} tokens"

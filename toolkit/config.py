@@ -38,7 +38,9 @@ class ModelArgs:
 
     architecture: str = help_field("Model family built from scratch: bert, gpt2 or electra.", default="bert")
     size: str = help_field(
-        "Size preset (BERT family dimensions): tiny, mini, small, medium, base, large.", default="mini"
+        "Size preset: tiny, mini, small, medium, base, large (BERT family dimensions; for electra, small, base and "
+        "large are ELECTRA-Small, -Base and -Large).",
+        default="mini",
     )
     model_name_or_path: str | None = help_field(
         "A local Hugging Face checkpoint folder to continue from instead of a fresh model.", default=None
@@ -65,7 +67,7 @@ class TrainingArgs:
     adam_epsilon: float = help_field("AdamW epsilon.", default=1e-8)
     max_grad_norm: float = help_field("Gradient clipping norm; 0 disables clipping.", default=1.0)
     optimizer: str = help_field(
-        "Optimizer: adamw (torch, fused), lamb (torch_optimizer.Lamb) or adamw_8bit (bitsandbytes). "
+        "Optimizer: adamw (torch, fused), lamb (pytorch_optimizer.Lamb) or adamw_8bit (bitsandbytes). "
         "A DeepSpeed config with an optimizer section of the same algorithm runs DeepSpeed's implementation.",
         default="adamw",
     )
@@ -89,7 +91,11 @@ class TrainingArgs:
     logging_steps: int = help_field("Log training metrics every N optimizer steps.", default=10)
     eval_steps: int = help_field("Evaluate every N steps; 0 evaluates only at the end.", default=0)
     eval_on_start: bool = help_field("Evaluate once before training (the 'before' numbers).", default=True)
-    max_eval_batches: int | None = help_field("Cap on evaluation batches per process (None: all).", default=None)
+    max_eval_batches: int | None = help_field(
+        "Evaluate only the first max_eval_batches x per_device_eval_batch_size examples of the validation set, "
+        "shared out over the processes: the same examples, and figures, with any number of processes (None: all).",
+        default=None,
+    )
     save_steps: int = help_field("Checkpoint every N steps; 0 saves only the final checkpoint.", default=0)
     save_total_limit: int = help_field("Checkpoints kept under output_dir/checkpoints (newest).", default=2)
     resume_from_checkpoint: str | None = help_field(
@@ -128,6 +134,11 @@ class TrainingArgs:
             )
         if self.logging_steps == 0:
             raise ToolkitError("training.logging_steps must be at least 1")
+        if self.max_eval_batches is not None and self.max_eval_batches < 1:
+            raise ToolkitError(
+                f"training.max_eval_batches must be at least 1, or null for the whole validation set "
+                f"(got {self.max_eval_batches})"
+            )
         if self.save_total_limit < 1:
             raise ToolkitError(
                 "training.save_total_limit must be at least 1 (the newest checkpoint is needed to resume)"
@@ -173,6 +184,11 @@ class DataArgs:
         "Percent of documents held out for validation when validation_files is empty.", default=5.0
     )
     max_seq_length: int = help_field("Tokens per packed block (special tokens included).", default=128)
+    segments: int = help_field(
+        "Encoder blocks (mlm, rtd): 2 splits each block at a sentence boundary into [CLS] A [SEP] B [SEP] with "
+        "token types 0 and 1, as ELECTRA's data builder does; 1 packs [CLS] and one run of text.",
+        default=2,
+    )
     text_field: str = help_field("Column holding the text in .jsonl/.json/.csv/.parquet files.", default="text")
     document_boundary: str = help_field(
         "How plain-text files split into documents: blank_line, line or file.", default="blank_line"
@@ -191,7 +207,9 @@ class ObjectiveArgs:
     prediction, with or without masked LM), or rtd (ELECTRA's replaced-token detection)."""
 
     name: str = help_field("Pretraining objective: mlm, clm, mlm+nsp, nsp or rtd.", default="mlm")
-    mlm_probability: float = help_field("Share of tokens selected for masking.", default=0.15)
+    mlm_probability: float | None = help_field(
+        "Share of tokens selected for masking; unset: 0.15 (ELECTRA-Large with rtd: 0.25).", default=None
+    )
     mask_replace_prob: float | None = help_field(
         "Share of selected tokens replaced by [MASK]; unset: the objective's own (0.8 for BERT, 0.85 for rtd).",
         default=None,
@@ -227,9 +245,10 @@ class ObjectiveArgs:
         default="dynamic",
     )
     # replaced-token detection (rtd, ELECTRA)
-    generator_hidden_fraction: float = help_field(
-        "rtd: generator hidden size as a fraction of the discriminator's (ELECTRA: 1/4; heads = hidden / 64).",
-        default=0.25,
+    generator_hidden_fraction: float | None = help_field(
+        "rtd: generator hidden size as a fraction of the discriminator's (heads = hidden / 64, same depth); "
+        "unset: ELECTRA's for the size (1/3 for base, 1/4 otherwise).",
+        default=None,
     )
     discriminator_weight: float = help_field(
         "rtd: weight of the discriminator loss against the generator's masked-LM loss (ELECTRA: 50).",
@@ -265,6 +284,7 @@ class PretrainRecipe:
                 "data.train_files is empty: give at least one text file, e.g. data.train_files=[corpus.txt]"
             )
         check_choice("data.document_boundary", d.document_boundary, ("blank_line", "line", "file"))
+        check_choice("data.segments", d.segments, (1, 2))
         if d.max_seq_length < 8:
             raise ToolkitError(f"data.max_seq_length={d.max_seq_length} is too short: use at least 8")
         if not d.validation_files and not 0 <= d.validation_split_percentage < 50:
@@ -273,7 +293,7 @@ class PretrainRecipe:
             check_choice("tokenizer.kind", self.tokenizer.kind, ("wordpiece", "bpe"))
         if self.tokenizer.vocab_size < 100:
             raise ToolkitError(f"tokenizer.vocab_size={self.tokenizer.vocab_size} is too small: use at least 100")
-        if not 0 < o.mlm_probability < 1:
+        if o.mlm_probability is not None and not 0 < o.mlm_probability < 1:
             raise ToolkitError(f"objective.mlm_probability={o.mlm_probability} must be between 0 and 1")
         check_choice("objective.masking", o.masking, MASKING)
         if o.max_predictions_per_seq is not None and o.max_predictions_per_seq < 1:
@@ -405,6 +425,13 @@ def all_keys(cls, prefix: str = "") -> list[str]:
     return out
 
 
+def _yaml_bool_as_text(value: bool) -> str:
+    """YAML 1.1 reads unquoted no/off/false as False and yes/on/true as True. Given to a text
+    field, a boolean is such a misreading (accelerate spells `mixed_precision=no`): hand back the
+    spelling most likely typed, and let the field's own rule (`_choice` in validate) judge it."""
+    return "yes" if value else "no"
+
+
 def _check_type(key: str, value: Any, typ) -> Any:
     origin = typing.get_origin(typ)
     if origin in (typing.Union, types.UnionType):
@@ -438,6 +465,8 @@ def _check_type(key: str, value: Any, typ) -> Any:
         raise ToolkitError(f"'{key}' must be true or false, got {value!r}")
     if base is int and isinstance(value, bool):
         raise ToolkitError(f"'{key}' must be an integer, got {value!r}")
+    if base is str and isinstance(value, bool):
+        return _yaml_bool_as_text(value)
     if not isinstance(value, base):
         raise ToolkitError(f"'{key}' must be of type {base.__name__}, got {value!r}")
     return value
@@ -527,7 +556,7 @@ def help_text(cls, prefix: str = "") -> list[tuple[str, str, Any]]:
     return rows
 
 
-def recipehelp_field(cls) -> str:
+def recipe_help(cls) -> str:
     """The recipe reference a command prints for `--help-recipe`: every key, its default and its help,
     grouped by section under the section's own description."""
     import textwrap

@@ -15,10 +15,12 @@ def evaluate_model(
     text_field: str = "text",
     document_boundary: str = "blank_line",
     seed: int = 42,
+    segments: int = 2,
 ) -> dict:
     """Evaluate a saved masked-LM or causal-LM folder on the blocks of `files`.
 
-    Masked LMs are scored with the same seeded masking as validation during pretraining.
+    Masked LMs are scored with the same seeded masking as validation during pretraining, on blocks of
+    `segments` segments (2: `[CLS] A [SEP] B [SEP]`, as pretraining builds them by default).
     """
     import transformers
 
@@ -48,8 +50,9 @@ def evaluate_model(
         max_seq_length=length,
         text_field=text_field,
         document_boundary=document_boundary,
+        segments=segments,
     )
-    blocks = prepare_blocks(data, tokenizer, seed)
+    blocks = prepare_blocks(data, tokenizer, seed, segments=segments if objective_cls.two_segments else 1)
     try:
         hf_model = getattr(transformers, objective_cls.auto_class).from_pretrained(str(model))
     except ValueError as e:

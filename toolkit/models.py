@@ -2,13 +2,19 @@
 
 Sizes are the published BERT family dimensions (Turc et al., 2019, "Well-Read Students Learn
 Better"; BERT-Base/Large from Devlin et al.): layers x hidden, heads = hidden / 64, feed-forward
-= 4 x hidden. Each architecture maps them onto its own transformers config. ELECTRA (the
-discriminator; its generator is sized by the rtd objective) uses the same presets: `mini` with
-`num_hidden_layers: 12` is ELECTRA-Small, `base` and `large` are ELECTRA-Base and -Large.
+= 4 x hidden. Each architecture maps them onto its own transformers config.
 
-Attention uses PyTorch's scaled-dot-product kernel (`sdpa`): blocks are packed without padding, so
-no attention mask is passed and SDPA dispatches to its fastest (flash / memory-efficient) kernel on
-GPUs and to the fused CPU kernel here.
+ELECTRA (the discriminator; its generator is sized by the rtd objective) has its own three models
+(Clark et al., 2020; google-research/electra `get_bert_config`), and for `architecture: electra`
+those names mean them: `small` is ELECTRA-Small (12 layers x 256, 4 heads, embeddings 128: not
+BERT-Small's 4 x 512), `base` is ELECTRA-Base (12 x 768, 12 heads, embeddings 768) and `large` is
+ELECTRA-Large (24 x 1024, 16 heads, embeddings 1024), the same dimensions as BERT-Base/-Large. The
+other presets (tiny, mini, medium) are BERT's, with the embeddings factorised to 128 up to hidden 256.
+
+Attention uses PyTorch's scaled-dot-product kernel (`sdpa`): blocks are packed without padding
+(two-segment blocks but for the 5% drawn shorter), so a batch without padding passes no attention
+mask and SDPA dispatches to its fastest (flash / memory-efficient) kernel on GPUs and to the fused
+CPU kernel here.
 """
 
 from __future__ import annotations
@@ -26,6 +32,14 @@ SIZES = {  # name: (layers, hidden)
     "base": (12, 768),
     "large": (24, 1024),
 }
+# ELECTRA's own models where their names mean other dimensions than BERT's (only Small does).
+ELECTRA_SIZES = {**SIZES, "small": (12, 256)}
+
+
+def preset(architecture: str, size: str) -> tuple[int, int]:
+    """(layers, hidden) of a size preset for an architecture."""
+    return (ELECTRA_SIZES if architecture == "electra" else SIZES)[size]
+
 
 ATTN_IMPLEMENTATION = "sdpa"
 
@@ -65,7 +79,7 @@ def build_config(architecture: str, size: str, tokenizer, max_seq_length: int, o
     import transformers
 
     arch = ARCHITECTURES[architecture]
-    layers, hidden = SIZES[size]
+    layers, hidden = preset(architecture, size)
     max_positions = max(512 if not arch.is_decoder else 1024, max_seq_length)
     kwargs = arch.config_kwargs(layers, hidden, max_positions)
     kwargs.update(

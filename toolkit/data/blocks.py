@@ -6,6 +6,9 @@ into one stream that is cut into blocks of exactly `max_seq_length` tokens: no p
 separators keep the document boundaries for later objectives. Encoder models get a [CLS] at the
 start of every block. Only the final remainder (shorter than one block) is dropped.
 
+Encoder objectives that train both token types (mlm, rtd) ask for two segments per block instead:
+`[CLS] A [SEP] B [SEP]` split at a sentence boundary (`toolkit.data.segments`, `data.segments`).
+
 The blocks are written to an Arrow file under the cache folder whose name hashes everything they
 depend on (input files with sizes and mtimes, reading settings, tokenizer, length, split seed), so
 a second run with the same inputs reuses them without tokenizing again.
@@ -47,7 +50,7 @@ def hash_key(payload: dict) -> str:
 class Blocks:
     """Packed train/validation blocks and what it took to make them."""
 
-    train: object  # datasets.Dataset with an `input_ids` column of fixed length (and `word_start`)
+    train: object  # datasets.Dataset: `input_ids` of fixed length (and `word_start`; `length`, `segment_b`)
     validation: object | None
     stats: dict
     cache_hit: bool
@@ -55,11 +58,18 @@ class Blocks:
 
     def summary(self) -> str:
         s = self.stats
-        return (
-            f"corpus{' (cached)' if self.cache_hit else ''}: {s['train']['documents']} documents, "
-            f"{s['train']['tokens']} tokens -> {s['train']['blocks']} blocks of {s['max_seq_length']}"
-            + (f"; validation {s['validation']['blocks']} blocks" if "validation" in s else "")
+        t = s["train"]
+        text = (
+            f"corpus{' (cached)' if self.cache_hit else ''}: {t['documents']} documents, "
+            f"{t['tokens']} tokens -> {t['blocks']} blocks of {s['max_seq_length']}"
         )
+        if s.get("segments") == 2:
+            slots = max(t["blocks"] * s["max_seq_length"], 1)
+            text += (
+                f" ([CLS] A [SEP] B [SEP]; {100 * t['one_segment_blocks'] / max(t['blocks'], 1):.0f}% one segment, "
+                f"padding {100 * t['padding'] / slots:.1f}%)"
+            )
+        return text + (f"; validation {s['validation']['blocks']} blocks" if "validation" in s else "")
 
 
 def block_prefix(tokenizer) -> list[int]:
@@ -73,28 +83,36 @@ def prepare_blocks(
     seed: int,
     *,
     word_starts: bool = False,
+    segments: int = 1,
     documents=None,
 ) -> Blocks:
     """Build (or load from cache) the packed train and validation blocks for a DataArgs section.
 
+    `segments=2` splits every block into `[CLS] A [SEP] B [SEP]` (encoders; `toolkit.data.segments`).
     `documents` may be a zero-argument callable returning (train_docs, validation_docs) that were
     already read (e.g. to train the tokenizer), to avoid reading the files twice.
     """
+    if segments == 2 and (tokenizer.cls_token_id is None or tokenizer.sep_token_id is None):
+        raise ToolkitError(
+            "two-segment blocks need a tokenizer with [CLS] and [SEP] tokens: use a WordPiece tokenizer "
+            "(tokenizer.kind=wordpiece) or set data.segments=1"
+        )
     train_files = corpus.expand(data.train_files, "data.train_files")
     val_files = corpus.expand(data.validation_files, "data.validation_files") if data.validation_files else []
-    key = hash_key(
-        {
-            "version": CACHE_VERSION,
-            "train": corpus.fingerprint(train_files),
-            "validation": corpus.fingerprint(val_files),
-            "split": None if val_files else [data.validation_split_percentage, seed],
-            "text_field": data.text_field,
-            "document_boundary": data.document_boundary,
-            "tokenizer": tokenizer_hash(tokenizer),
-            "max_seq_length": data.max_seq_length,
-            "word_starts": word_starts,
-        }
-    )
+    payload = {
+        "version": CACHE_VERSION,
+        "train": corpus.fingerprint(train_files),
+        "validation": corpus.fingerprint(val_files),
+        "split": None if val_files else [data.validation_split_percentage, seed],
+        "text_field": data.text_field,
+        "document_boundary": data.document_boundary,
+        "tokenizer": tokenizer_hash(tokenizer),
+        "max_seq_length": data.max_seq_length,
+        "word_starts": word_starts,
+    }
+    if segments == 2:  # one-segment caches keep their key; a two-segment layout is drawn from the seed
+        payload.update(segments=2, layout_seed=seed)
+    key = hash_key(payload)
     path = cache_root(data.cache_dir) / "corpora" / key
     if (path / "meta.json").is_file():
         return _load(path, cache_hit=True)
@@ -103,12 +121,24 @@ def prepare_blocks(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=path.parent))
     try:
-        stats = {"max_seq_length": data.max_seq_length}
+        stats = {"max_seq_length": data.max_seq_length, "segments": segments}
         for split, docs in (("train", train_docs), ("validation", val_docs)):
             if docs is None:
                 continue
-            tokens = tokenize_documents(docs, tokenizer, data.preprocessing_num_workers, word_starts)
-            stats[split] = pack(tokens, tokenizer, data.max_seq_length, tmp / f"{split}.arrow", word_starts)
+            out_file = tmp / f"{split}.arrow"
+            if segments == 2:
+                from toolkit.data.pairs import tokenize_sentences
+                from toolkit.data.segments import pack as pack_segments
+
+                sentences = tokenize_sentences(
+                    docs, tokenizer, data.max_seq_length, data.preprocessing_num_workers, word_starts
+                )
+                stats[split] = pack_segments(
+                    sentences, tokenizer, data.max_seq_length, out_file, word_starts, seed, split
+                )
+            else:
+                tokens = tokenize_documents(docs, tokenizer, data.preprocessing_num_workers, word_starts)
+                stats[split] = pack(tokens, tokenizer, data.max_seq_length, out_file, word_starts)
             stats[split]["documents"] = len(docs)
             if stats[split]["blocks"] == 0:
                 raise ToolkitError(
@@ -158,7 +188,7 @@ def tokenize_documents(docs, tokenizer, num_proc: int | None, word_starts: bool)
         encodings = backend.encode_batch(batch["text"], add_special_tokens=False)
         out = {"input_ids": [e.ids + [sep] for e in encodings]}
         if word_starts:
-            out["word_start"] = [_word_start(e.word_ids) + [1] for e in encodings]
+            out["word_start"] = [word_start_flags(e.word_ids) + [1] for e in encodings]
         return out
 
     if num_proc is None:
@@ -173,7 +203,7 @@ def tokenize_documents(docs, tokenizer, num_proc: int | None, word_starts: bool)
     )
 
 
-def _word_start(word_ids: list) -> list[int]:
+def word_start_flags(word_ids: list) -> list[int]:
     w = np.array([-1 if i is None else i for i in word_ids], dtype=np.int64)
     starts = np.ones(len(w), dtype=np.int8)
     if len(w) > 1:

@@ -100,7 +100,8 @@ class MaskedLMCollator:
                 continue
             self.replacer.generator = generator
             inputs[row], labels[row] = self.replacer.torch_mask_tokens(one.clone(), special_tokens_mask=~chosen[None])
-        return {"input_ids": inputs, "labels": labels}
+        out = {k: batch[k] for k in ("token_type_ids", "attention_mask") if k in batch}  # two-segment blocks
+        return {**out, "input_ids": inputs, "labels": labels}
 
     def fixed_count(self, ids: torch.Tensor) -> int:
         """Predictions per sequence for `fixed_count`: min(cap, max(1, round(p x length))), the

@@ -73,10 +73,13 @@ class GlobalBatchSampler:
 
 
 class ShardSampler:
-    """Evaluation: every example exactly once, example i on process i % world_size, in order."""
+    """Evaluation: every example exactly once, example i on process i % world_size, in order.
 
-    def __init__(self, n: int, batch_size: int, world_size: int = 1, rank: int = 0):
-        self.indices = list(range(rank, n, world_size))
+    `limit` keeps the first `limit` examples (all when None) *before* they are split, so a capped
+    evaluation covers the same examples however many processes share it."""
+
+    def __init__(self, n: int, batch_size: int, world_size: int = 1, rank: int = 0, limit: int | None = None):
+        self.indices = list(range(rank, n if limit is None else min(n, limit), world_size))
         self.batch_size = batch_size
 
     def __len__(self) -> int:
@@ -88,7 +91,11 @@ class ShardSampler:
 
 
 class BlockDataset(torch.utils.data.Dataset):
-    """Packed blocks as tensors; fetches a whole batch in one Arrow read (`__getitems__`)."""
+    """Packed blocks as tensors; fetches a whole batch in one Arrow read (`__getitems__`).
+
+    Two-segment blocks (`toolkit.data.segments`) store `length` and `segment_b` per block; they
+    become `token_type_ids` (1 from `segment_b` to `length`) and, only for a batch that holds
+    padding, an `attention_mask` (a batch without padding keeps SDPA's unmasked kernel)."""
 
     def __init__(self, hf_dataset):
         self.ds = hf_dataset.with_format("numpy")
@@ -102,7 +109,14 @@ class BlockDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict:
         rows = self.ds[indices]
-        batch = {c: torch.from_numpy(rows[c]).long() for c in self.columns}
+        batch = {c: torch.from_numpy(rows[c]).long() for c in self.columns if c not in ("length", "segment_b")}
+        if "length" in self.columns:
+            position = torch.arange(batch["input_ids"].shape[1])
+            length = torch.from_numpy(rows["length"]).long()[:, None]
+            segment_b = torch.from_numpy(rows["segment_b"]).long()[:, None]
+            batch["token_type_ids"] = ((position >= segment_b) & (position < length)).long()
+            if (length < len(position)).any():
+                batch["attention_mask"] = (position < length).long()
         batch["idx"] = torch.tensor(indices, dtype=torch.long)
         return batch
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from toolkit.data import corpus
-from toolkit.data.blocks import _word_start, cache_root, hash_key, tokenizer_hash
+from toolkit.data.blocks import cache_root, hash_key, tokenizer_hash, word_start_flags
 from toolkit.data.loader import example_seed
 from toolkit.errors import ToolkitError
 
@@ -253,7 +253,7 @@ def tokenize_sentences(docs, tokenizer, max_seq_length: int, num_proc: int | Non
                 ids += e.ids
                 lengths += pieces
                 if word_starts:
-                    starts += _word_start(e.word_ids)
+                    starts += word_start_flags(e.word_ids)
             out["ids"].append(ids)
             out["lengths"].append(lengths)
             out["long_sentences"].append(n_long)

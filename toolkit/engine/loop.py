@@ -137,9 +137,7 @@ def add_into(totals: dict, prefix: str, values: dict) -> None:
 
 
 @torch.no_grad()
-def evaluate(
-    model, objective, loader, accelerator, max_batches: int | None = None, examples_out: dict | None = None
-) -> dict[str, float]:
+def evaluate(model, objective, loader, accelerator, examples_out: dict | None = None) -> dict[str, float]:
     """Metrics over a loader. Sums (losses, counts, stats) are reduced over processes; entries of the
     objective's stats named `example/<key>` are per-example tensors (predictions, labels) that are
     gathered from every process in dataset order for metrics that need all of them (F1, correlations);
@@ -148,9 +146,7 @@ def evaluate(
     model.eval()
     totals: dict = {}
     examples: dict[str, list] = {}
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
+    for batch in loader:
         batch = to_device(batch, accelerator.device)
         losses, stats = model(batch)
         per_example = {k[len("example/") :]: stats.pop(k) for k in [k for k in stats if k.startswith("example/")]}
@@ -187,17 +183,22 @@ def gather_examples(accelerator, parts: dict[str, list[torch.Tensor]]) -> dict[s
     return {k: v[order].cpu() for k, v in local.items()}
 
 
-def eval_loader(job: Job, accelerator, seed: int):
+def eval_loader(job: Job, accelerator, seed: int, max_batches: int | None = None):
+    """This process's share of the evaluation set; `max_batches` (of per_device_eval_batch_size) caps the
+    *global* set before it is split, so the figures do not depend on the number of processes."""
     if job.eval_data is None:
         return None
     collator = job.objective.make_collator(job.tokenizer, seed, salt="eval")
     dataset = job.objective.make_dataset(job.eval_data, split="eval")
-    sampler = ShardSampler(
-        len(dataset),
-        job.training.per_device_eval_batch_size,
-        accelerator.num_processes,
-        accelerator.process_index,
-    )
+    batch, world = job.training.per_device_eval_batch_size, accelerator.num_processes
+    limit = None if max_batches is None else max_batches * batch
+    size = len(dataset) if limit is None else min(len(dataset), limit)
+    if size < world:  # a process with nothing to evaluate would leave the others waiting in the reduce
+        raise ToolkitError(
+            f"the evaluation set has {size} examples, fewer than the {world} processes that share it: "
+            "raise training.max_eval_batches or add validation data"
+        )
+    sampler = ShardSampler(len(dataset), batch, world, accelerator.process_index, limit=limit)
     return make_loader(dataset, sampler, collator)
 
 
@@ -220,7 +221,7 @@ def train(job: Job, accelerator, resume: Path | None = None):
     steps = total_steps(t, len(sampler))
     collator = objective.make_collator(job.tokenizer, t.seed)
     loader = make_loader(dataset, sampler, collator, t.dataloader_num_workers)
-    evals = eval_loader(job, accelerator, t.seed)
+    evals = eval_loader(job, accelerator, t.seed, t.max_eval_batches)
 
     # ---- model, optimizer and schedule, wrapped for the launch (DDP, DeepSpeed, FSDP) ----------
     if t.gradient_checkpointing:
@@ -286,7 +287,7 @@ def train(job: Job, accelerator, resume: Path | None = None):
 
     history: dict = {}
     if evals is not None and t.eval_on_start and step == 0:
-        history["initial"] = evaluate(model, objective, evals, accelerator, t.max_eval_batches)
+        history["initial"] = evaluate(model, objective, evals, accelerator)
         log.log(0, {f"eval_{k}": v for k, v in history["initial"].items()})
 
     from tqdm.auto import tqdm
@@ -369,7 +370,7 @@ def train(job: Job, accelerator, resume: Path | None = None):
             interval, grad_norms, interval_seconds, interval_tokens = {}, [], 0.0, 0
             interval_skips = {"nonfinite": 0, "scaler": 0}
         if evals is not None and ((t.eval_steps and step % t.eval_steps == 0) or step == steps):
-            history["eval"] = evaluate(model, objective, evals, accelerator, t.max_eval_batches)
+            history["eval"] = evaluate(model, objective, evals, accelerator)
             # training seconds so far (evaluation and checkpoints are off the clock), for accuracy-vs-time plots
             log.log(step, {**{f"eval_{k}": v for k, v in history["eval"].items()}, "train_seconds": elapsed})
         if (t.save_steps and step % t.save_steps == 0) or step == steps:

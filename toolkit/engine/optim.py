@@ -5,13 +5,19 @@
 | name         | implementation                               | notes                                        |
 | ------------ | -------------------------------------------- | -------------------------------------------- |
 | `adamw`      | `torch.optim.AdamW`, fused kernel            | the default                                  |
-| `lamb`       | `torch_optimizer.Lamb` (You et al., 2019)    | layer-wise trust ratio for large batches     |
+| `lamb`       | `pytorch_optimizer.Lamb` (You et al., 2019)  | layer-wise trust ratio for large batches     |
 | `adamw_8bit` | `bitsandbytes.optim.AdamW8bit`               | 8-bit optimizer states: ~75% less state memory |
 
 Gradients are clipped once, by the engine (`training.max_grad_norm`, or DeepSpeed's
-`gradient_clipping` filled from it). `torch_optimizer.Lamb` does not clip internally (its
-`clamp_value` bounds the weight norm in the trust ratio, not the gradient); NVIDIA's and
-DeepSpeed's fused LAMB can (`max_grad_norm`), so a DeepSpeed file that asks for that is refused.
+`gradient_clipping` filled from it). `pytorch_optimizer.Lamb` does not clip internally (its
+`pre_norm` scaling stays off, and its clamp of 10 bounds the weight norm in the trust ratio, not
+the gradient); NVIDIA's and DeepSpeed's fused LAMB can (`max_grad_norm`), so a DeepSpeed file that
+asks for that is refused.
+
+LAMB is configured as in the paper (and as `torch_optimizer.Lamb`, which it replaced): weight
+decay is part of the update whose norm sets the trust ratio, and each step moves a tensor by
+`lr * min(||w||, 10)`, without the extra 1 / (1 - beta1^t) step size that the library applies by
+default (ten times the step at step 1).
 
 When a DeepSpeed config has an `optimizer` section, DeepSpeed builds that optimizer (its fused or
 CPU kernels) and the toolkit hands it a placeholder (`accelerate.utils.DummyOptim`); the section
@@ -55,9 +61,12 @@ def make_optimizer(model: nn.Module, t, device: torch.device, deepspeed_config: 
 
         return DummyOptim(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
     if t.optimizer == "lamb":
-        import torch_optimizer
+        from pytorch_optimizer import Lamb
 
-        return torch_optimizer.Lamb(groups, lr=t.learning_rate, betas=betas, eps=t.adam_epsilon)
+        # weight_decouple=False: decay inside the trust-ratio update; adam_debias=True: step size = lr
+        return Lamb(
+            groups, lr=t.learning_rate, betas=betas, eps=t.adam_epsilon, weight_decouple=False, adam_debias=True
+        )
     if t.optimizer == "adamw_8bit":
         check_8bit_support(device)
         import bitsandbytes as bnb

@@ -27,6 +27,7 @@ class Objective(nn.Module):
     loss_weights: ClassVar[dict[str, float]]  # component -> weight in the total loss
     replacement_defaults: ClassVar[tuple[float, float]] = (0.8, 0.1)  # masking: [MASK], random token
     usage: ClassVar[str | None] = None  # model-card snippet ("{path}" = output folder); None: by auto_class
+    two_segments: ClassVar[bool] = False  # packed blocks as [CLS] A [SEP] B [SEP] when data.segments is 2
 
     def __init__(self, model: nn.Module, args):
         super().__init__()
@@ -74,6 +75,10 @@ class Objective(nn.Module):
         """Whether packed blocks must carry word-start flags (whole-word masking)."""
         return False
 
+    def mask_probability(self) -> float:
+        """Share of tokens selected for masking: objective.mlm_probability, or 0.15 (BERT) when unset."""
+        return 0.15 if self.args.mlm_probability is None else self.args.mlm_probability
+
     @classmethod
     def replacement_probs(cls, args) -> tuple[float, float]:
         """(mask_replace_prob, random_replace_prob): the recipe's, or this objective's defaults."""
@@ -89,7 +94,7 @@ class Objective(nn.Module):
         mask_prob, random_prob = self.replacement_probs(a)
         return collator_class(
             tokenizer,
-            a.mlm_probability,
+            self.mask_probability(),
             mask_prob,
             random_prob,
             a.whole_word_mask,
@@ -112,7 +117,12 @@ class Objective(nn.Module):
         from toolkit.data.blocks import prepare_blocks
 
         return prepare_blocks(
-            recipe.data, tokenizer, seed, word_starts=cls.needs_word_starts(recipe.objective), documents=documents
+            recipe.data,
+            tokenizer,
+            seed,
+            word_starts=cls.needs_word_starts(recipe.objective),
+            segments=recipe.data.segments if cls.two_segments else 1,
+            documents=documents,
         )
 
     def make_dataset(self, hf_dataset, split: str = "train"):

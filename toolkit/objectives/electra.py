@@ -3,12 +3,18 @@
 Two networks train together from step 0, in one forward and with one optimizer:
 
 - the **generator** (`ElectraForMaskedLM`): as deep as the discriminator, hidden size a fraction of
-  its width (1/4 by default), heads = hidden / 64, feed-forward 4 x hidden; it fills in masked tokens;
+  its width, heads = hidden / 64, feed-forward 4 x hidden; it fills in masked tokens;
 - the **discriminator** (`ElectraForPreTraining`): reads the text in which the masked positions hold
   tokens sampled from the generator, and tells for every token whether it was replaced.
 
 They share one embeddings module (word, position and token-type embeddings and their layer norm:
 the same tensors, not copies), and the generator's output layer is tied to the word embeddings.
+
+Sizes as ELECTRA (`configure_pretraining.py`, Table 6 of the paper) unless the recipe sets them:
+the generator is 1/4 of the discriminator's width for ELECTRA-Small and -Large and 1/3 for
+ELECTRA-Base (`objective.generator_hidden_fraction`), and ELECTRA-Large masks 25% of the tokens
+instead of 15% (`objective.mlm_probability`). Which ELECTRA model a discriminator is follows from
+`model.size` (or, for a checkpoint, from its depth and width); other sizes take 1/4 and 15%.
 
 Masking as ELECTRA: 15% of tokens selected (special tokens and padding never; ELECTRA's exact
 count, round(0.15 x length), with `objective.masking=fixed_count`), 85% of those become [MASK] and
@@ -54,15 +60,45 @@ fill = pipeline("fill-mask", model="{path}/generator")  # the generator is a sma
 print(fill("to be or not to be, that is the [MASK]."))"""
 
 
+# ELECTRA's settings per model (configure_pretraining.py: generator_hidden_size 0.25 by default,
+# 0.33333 for base; mask_prob 0.15 by default, 0.25 for large).
+GENERATOR_FRACTION = {"small": 1 / 4, "base": 1 / 3, "large": 1 / 4}
+MASK_PROBABILITY = {"large": 0.25}
+
+
+def electra_model(config) -> str | None:
+    """Which ELECTRA model (small, base, large) a discriminator config has the depth and width of."""
+    from toolkit.models import ELECTRA_SIZES
+
+    for name in GENERATOR_FRACTION:
+        if (config.num_hidden_layers, config.hidden_size) == ELECTRA_SIZES[name]:
+            return name
+    return None
+
+
+def generator_fraction(size: str | None, args) -> float:
+    """objective.generator_hidden_fraction, or ELECTRA's for the size (1/4 when it is not one of ELECTRA's)."""
+    if args.generator_hidden_fraction is not None:
+        return args.generator_hidden_fraction
+    return GENERATOR_FRACTION.get(size, 1 / 4)
+
+
+def mask_probability(size: str | None, args) -> float:
+    """objective.mlm_probability, or ELECTRA's for the size (0.25 for large, else 0.15)."""
+    if args.mlm_probability is not None:
+        return args.mlm_probability
+    return MASK_PROBABILITY.get(size, 0.15)
+
+
 def generator_shape(hidden_size: int, fraction: float) -> tuple[int, int]:
     """(hidden size, attention heads) of the generator, as in ELECTRA's `get_generator_config`."""
     hidden = int(round(hidden_size * fraction))
     heads = max(1, hidden // 64)
     if hidden < 1 or hidden % heads:
         raise ToolkitError(
-            f"objective.generator_hidden_fraction={fraction} gives a generator of hidden size {hidden} "
-            f"(from {hidden_size}), which {heads} attention heads cannot split evenly: choose a fraction "
-            "that gives a multiple of 64 (or less than 64), e.g. 0.25"
+            f"a generator {fraction:.4g} as wide as the discriminator has hidden size {hidden} (from {hidden_size}), "
+            f"which {heads} attention heads cannot split evenly: set objective.generator_hidden_fraction to a "
+            "fraction that gives a multiple of 64 (or less than 64), e.g. 0.25"
         )
     return hidden, heads
 
@@ -101,21 +137,23 @@ class ReplacedTokenDetection(Objective):
     auto_class = "AutoModelForPreTraining"
     loss_weights = {"mlm": 1.0, "rtd": 50.0}  # the instance's come from objective.discriminator_weight
     replacement_defaults = (0.85, 0.0)
+    two_segments = True
     usage = _USAGE
 
-    def __init__(self, model, args, generator=None, tokenizer=None):
+    def __init__(self, model, args, generator=None, tokenizer=None, size: str | None = None):
         super().__init__(model, args)  # self.model: the discriminator
         if not hasattr(model, "discriminator_predictions"):
             raise ToolkitError(
                 f"objective 'rtd' trains an ELECTRA discriminator (ElectraForPreTraining), got {type(model).__name__}: "
                 "start from scratch with model.architecture=electra, or from an ELECTRA discriminator folder"
             )
+        self.size = size or electra_model(model.config)  # model.size; else read from the discriminator
         if generator is None:
             from transformers import AutoModelForMaskedLM
 
             from toolkit.models import ATTN_IMPLEMENTATION
 
-            config = generator_config(model.config, args.generator_hidden_fraction)
+            config = generator_config(model.config, generator_fraction(self.size, args))
             generator = AutoModelForMaskedLM.from_config(config, attn_implementation=ATTN_IMPLEMENTATION)
         if (generator.config.embedding_size, generator.config.vocab_size) != (
             model.config.embedding_size,
@@ -134,20 +172,21 @@ class ReplacedTokenDetection(Objective):
     @classmethod
     def check_recipe(cls, recipe) -> None:
         super().check_recipe(recipe)
-        from toolkit.models import SIZES
+        from toolkit.models import preset
 
         o, m = recipe.objective, recipe.model
-        if not 0 < o.generator_hidden_fraction <= 1:
+        if o.generator_hidden_fraction is not None and not 0 < o.generator_hidden_fraction <= 1:
             raise ToolkitError(
                 f"objective.generator_hidden_fraction={o.generator_hidden_fraction} must be in (0, 1] "
-                "(ELECTRA: 0.25; the generator is narrower than the discriminator)"
+                "(ELECTRA: 1/4, 1/3 for ELECTRA-Base; the generator is narrower than the discriminator)"
             )
         if o.discriminator_weight <= 0:
             raise ToolkitError(
                 f"objective.discriminator_weight={o.discriminator_weight} must be positive (ELECTRA: 50)"
             )
         if m.model_name_or_path is None:
-            generator_shape(m.config_overrides.get("hidden_size", SIZES[m.size][1]), o.generator_hidden_fraction)
+            hidden = m.config_overrides.get("hidden_size", preset(m.architecture, m.size)[1])
+            generator_shape(hidden, generator_fraction(m.size, o))
 
     @classmethod
     def from_recipe(cls, recipe, tokenizer):
@@ -166,7 +205,11 @@ class ReplacedTokenDetection(Objective):
             generator = AutoModelForMaskedLM.from_pretrained(
                 str(Path(src) / "generator"), attn_implementation=ATTN_IMPLEMENTATION
             )
-        return cls(discriminator, recipe.objective, generator, tokenizer)
+        size = None if src else recipe.model.size  # a checkpoint's size is read from its config
+        return cls(discriminator, recipe.objective, generator, tokenizer, size)
+
+    def mask_probability(self) -> float:
+        return mask_probability(self.size, self.args)
 
     def make_collator(self, tokenizer, seed: int, salt: str = "train"):
         return self.masking_collator(ReplacedTokenCollator, tokenizer, seed, salt)
@@ -186,7 +229,9 @@ class ReplacedTokenDetection(Objective):
         positions replaced by samples) and its labels (1 where that input differs from the original)."""
         ids, labels = batch["input_ids"], batch["labels"]
         selected = labels != -100
-        logits = masked_lm_logits(self.generator, ids, labels, attention_mask=batch.get("attention_mask"))
+        logits = masked_lm_logits(
+            self.generator, ids, labels, batch.get("token_type_ids"), attention_mask=batch.get("attention_mask")
+        )
         sampled = gumbel_max(logits, selected.sum(1), batch["sample_seed"])
         corrupted = ids.clone()
         corrupted[selected] = sampled
@@ -200,7 +245,9 @@ class ReplacedTokenDetection(Objective):
 
         mask = batch.get("attention_mask")
         weight = torch.ones_like(corrupted, dtype=torch.float32) if mask is None else mask.float()
-        logits = self.model(input_ids=corrupted, attention_mask=mask).logits.float()
+        logits = self.model(
+            input_ids=corrupted, attention_mask=mask, token_type_ids=batch.get("token_type_ids")
+        ).logits.float()
         bce = F.binary_cross_entropy_with_logits(logits, is_replaced.float(), reduction="none")
         predicted = (logits.detach() > 0) & (weight > 0)
         replaced = is_replaced & (weight > 0)

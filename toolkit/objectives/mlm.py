@@ -54,6 +54,7 @@ class MaskedLM(Objective):
     architectures = ("bert",)
     auto_class = "AutoModelForMaskedLM"
     loss_weights = {"mlm": 1.0}
+    two_segments = True
 
     @classmethod
     def needs_word_starts(cls, args) -> bool:
@@ -66,7 +67,9 @@ class MaskedLM(Objective):
         return {"mlm": (batch["labels"] != -100).sum()}
 
     def forward(self, batch):
-        loss, correct = masked_lm_loss(self.model, batch["input_ids"], batch["labels"], batch.get("token_type_ids"))
+        loss, correct = masked_lm_loss(
+            self.model, batch["input_ids"], batch["labels"], batch.get("token_type_ids"), batch.get("attention_mask")
+        )
         return {"mlm": loss}, {"mlm_correct": correct}
 
     def metrics(self, totals):
