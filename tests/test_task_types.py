@@ -434,3 +434,22 @@ def test_compare_of_token_classification_modes_keeps_the_frozen_encoder_and_trai
         AutoModelForTokenClassification.from_pretrained(bert_dir, config=frozen.config), tmp_path / "cmp" / "lora"
     )
     assert any("lora_A" in n for n, _ in lora.named_parameters())
+
+
+def test_ptuning_adapter_tags_words_not_virtual_tokens(tmp_path, bert_dir, conll_file):
+    r = _recipe(tmp_path / "pt", bert_dir, train_file=str(conll_file))
+    r["finetune"] = {"mode": "ptuning", "num_virtual_tokens": 4}
+    result = toolkit.finetune(r)
+    assert (result.output_dir / "adapter_config.json").is_file() and 0 <= result.metrics["test_f1"] <= 1
+    path, scores = toolkit.predict(result.output_dir, str(conll_file), tmp_path / "tags.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert all(len(r["predictions"]) == len(r["tokens"]) for r in rows) and 0 <= scores["token_accuracy"] <= 1
+
+
+def test_cli_help_lists_the_task_types():
+    from conftest import run_cli
+
+    from toolkit.finetuning.types import TASK_TYPES
+
+    proc = run_cli("finetune", "--help")
+    assert proc.returncode == 0 and all(t in proc.stdout for t in TASK_TYPES) and "movie-dialog" in proc.stdout

@@ -84,8 +84,9 @@ class TaskType:
     def objective(self, model, recipe, data: TypeData, tokenizer):
         raise NotImplementedError
 
-    def usage(self, path: str, adapter: bool, base: str) -> str:
-        """The exact code that loads and runs the output (model card, README)."""
+    def usage(self, path: str, adapter: str, base: str) -> str:
+        """The exact code that loads and runs the output (model card, README); `adapter` is the PEFT
+        mode of an adapter output, '' for a whole model."""
         raise NotImplementedError
 
     # ---- outputs ----
@@ -212,5 +213,13 @@ def write_type_card(folder: Path, recipe, kind: TaskType, data: TypeData, metric
     lines += [f"- note: {n}" for n in data.notes]
     lines += ["", "## Results", "", "| metric | value |", "| --- | ---: |"]
     lines += [f"| {k} | {v:.4f} |" for k, v in shown.items()]
-    lines += ["", "## Use", "", "```python", kind.usage(".", adapter, str(Path(model_dir).resolve())), "```", ""]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        kind.usage(".", f.mode if adapter else "", str(Path(model_dir).resolve())),
+        "```",
+        "",
+    ]
     (folder / "README.md").write_text("\n".join(lines))

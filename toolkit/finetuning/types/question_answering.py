@@ -196,9 +196,10 @@ class QuestionAnswering(TaskType):
 
     def usage(self, path, adapter, base):
         # transformers 5 removed pipeline("question-answering"): the plain forward and a span search
+        merge = ".merge_and_unload()" if adapter in ("lora", "qlora") else ""
         load = (
             "from peft import AutoPeftModelForQuestionAnswering\n"
-            f'model = AutoPeftModelForQuestionAnswering.from_pretrained("{path}").merge_and_unload().eval()\n'
+            f'model = AutoPeftModelForQuestionAnswering.from_pretrained("{path}"){merge}.eval()\n'
             if adapter
             else f'model = AutoModelForQuestionAnswering.from_pretrained("{path}").eval()\n'
         )
@@ -250,8 +251,9 @@ class QuestionAnswering(TaskType):
                     if c in part
                 }
                 out = model(**batch)
-                starts.append(F.pad(out.start_logits.float(), (0, task.max_seq_length - width), value=NEG))
-                ends.append(F.pad(out.end_logits.float(), (0, task.max_seq_length - width), value=NEG))
+                start, end = out.start_logits.float()[:, -width:], out.end_logits.float()[:, -width:]
+                starts.append(F.pad(start, (0, task.max_seq_length - width), value=NEG))
+                ends.append(F.pad(end, (0, task.max_seq_length - width), value=NEG))
         no_answer = bool(recipe.get("_facts", {}).get("no_answer", False))
         answers = postprocess(features, raw, torch.cat(starts), torch.cat(ends), task, no_answer)
         records = [{**row, "prediction": answers[qid]} for row, qid in zip(table.to_list(), raw["id"][:])]
@@ -385,7 +387,8 @@ class SpanExtractor(Objective):
 
     def forward(self, batch):
         out = self.model(**{k: batch[k] for k in FEATURE_COLUMNS if k in batch})
-        start, end = out.start_logits.float(), out.end_logits.float()
+        n = batch["input_ids"].shape[1]  # P-tuning's virtual tokens come first: never an answer
+        start, end = out.start_logits.float()[:, -n:], out.end_logits.float()[:, -n:]
         loss = (
             F.cross_entropy(start, batch["start_positions"], reduction="sum")
             + F.cross_entropy(end, batch["end_positions"], reduction="sum")

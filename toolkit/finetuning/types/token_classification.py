@@ -163,9 +163,10 @@ class TokenClassification(TaskType):
 
     def usage(self, path, adapter, base):
         if adapter:
+            merge = ".merge_and_unload()" if adapter in ("lora", "qlora") else ""
             return (
                 "from peft import AutoPeftModelForTokenClassification\nfrom transformers import AutoTokenizer, pipeline\n\n"
-                f'model = AutoPeftModelForTokenClassification.from_pretrained("{path}").merge_and_unload()\n'
+                f'model = AutoPeftModelForTokenClassification.from_pretrained("{path}"){merge}\n'
                 f'tagger = pipeline("token-classification", model=model, tokenizer=AutoTokenizer.from_pretrained("{path}"))\n'
                 'print(tagger("John Smith lives in Berlin"))'
             )
@@ -220,7 +221,7 @@ class TokenClassification(TaskType):
                     for c in FEATURE_COLUMNS
                     if c in part
                 }
-                logits = model(**batch).logits
+                logits = model(**batch).logits[:, -width:]  # without P-tuning's virtual tokens
                 starts = pad_rows(part["word_start"], width, 0).bool()
                 preds.append(pad_rows(torch.where(starts, logits.argmax(-1), -100).tolist(), task.max_seq_length, -100))
                 word_labels.append(pad_rows(part["word_labels"], task.max_seq_length, -100))
@@ -382,6 +383,7 @@ class TokenClassifier(Objective):
     def forward(self, batch):
         inputs = {k: batch[k] for k in FEATURE_COLUMNS if k in batch}
         logits = self.model(**inputs).logits.float()
+        logits = logits[:, -inputs["input_ids"].shape[1] :]  # P-tuning's virtual tokens come first: not words
         loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="sum")
         pred = logits.detach().argmax(-1)
         words = batch["word_labels"] != -100
