@@ -453,3 +453,41 @@ def test_cli_help_lists_the_task_types():
 
     proc = run_cli("finetune", "--help")
     assert proc.returncode == 0 and all(t in proc.stdout for t in TASK_TYPES) and "movie-dialog" in proc.stdout
+
+
+def test_resumed_generation_with_packing_equals_an_uninterrupted_run(tmp_path, gpt_dir):
+    import shutil
+
+    from toolkit.engine.tracking import read_metrics
+
+    path = tmp_path / "pairs.csv"
+    rng = random.Random(3)
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["prompt", "response"])
+        writer.writerows([(f"where is {rng.choice(NAMES)}?", f"in {rng.choice(PLACES)}") for _ in range(40)])
+    r = _recipe(tmp_path / "run", gpt_dir, train_file=str(path), max_seq_length=32, packing=True, max_new_tokens=2)
+    r["training"].update(num_train_epochs=4, per_device_train_batch_size=2, save_steps=4, save_total_limit=3)
+    straight = toolkit.finetune(r).metrics
+    losses = [m["loss"] for m in read_metrics(tmp_path / "run") if "loss" in m]
+    steps = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert len(steps) >= 2 and len(losses) >= 6
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / f"checkpoint-{steps[-1]}")  # a crash after the one before
+    resumed = toolkit.finetune(r, training__resume_from_checkpoint="auto").metrics
+    assert [m["loss"] for m in read_metrics(tmp_path / "run") if "loss" in m] == pytest.approx(losses, abs=1e-6)
+    assert resumed["test_perplexity"] == pytest.approx(straight["test_perplexity"], rel=1e-6)
+
+
+def test_built_in_movie_dialog_reads_statement_reply_pairs(gpt_dir):
+    from transformers import AutoTokenizer
+
+    from toolkit.finetuning.types import load_any
+
+    task = TaskArgs(
+        name="movie-dialog", max_seq_length=32, max_train_samples=50, max_eval_samples=10, max_test_samples=10
+    )
+    kind, plugin, data = load_any(task, AutoTokenizer.from_pretrained(gpt_dir))
+    assert kind == "generation" and data.rows == {"train": 50, "validation": 10, "test": 10}
+    row = data.raw["train"][0]
+    assert row["prompt"] and row["response"]  # statement -> reply, both non-empty
+    assert all(-100 in labels[:1] for labels in data.train["labels"])  # the statement carries no loss
