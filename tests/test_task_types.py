@@ -338,8 +338,12 @@ def test_generation_fine_tunes_and_generates_through_a_pipeline(tmp_path, gpt_di
     )
     text = generate("user: who is anna?\nassistant: ", max_new_tokens=3, do_sample=False, return_full_text=False)
     assert isinstance(text[0]["generated_text"], str)
+    path, scores = toolkit.predict(out, str(path), tmp_path / "replies.jsonl")
+    replies = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(replies) == 30 and all(isinstance(r["prediction"], str) for r in replies)
+    assert 0 <= scores["rougeL"] <= 100 and 0 <= scores["exact_match"] <= 100
     lines = (out / "test_predictions.jsonl").read_text().splitlines()
-    assert len(lines) == m["test_count"] if "test_count" in m else len(lines) == 6
+    assert len(lines) == 6 and all("prediction" in json.loads(line) for line in lines)  # 20% of 30 rows
 
 
 # ---- bad input, each before training --------------------------------------------------------------
