@@ -242,7 +242,13 @@ def encode_words(words: list, tags: list | None, tokenizer, task, data: TypeData
     label2id = {n: i for i, n in enumerate(data.labels)}
     inside = {i: label2id.get("I-" + n[2:], i) for n, i in label2id.items() if n.startswith("B-")}
     budget = task.max_seq_length - tokenizer.num_special_tokens_to_add(pair=False)
-    pieces = tokenizer(words, is_split_into_words=True, add_special_tokens=False) if words else None
+    try:
+        pieces = tokenizer(words, is_split_into_words=True, add_special_tokens=False) if words else None
+    except (ValueError, AssertionError) as e:  # byte-level BPE without add_prefix_space
+        raise ToolkitError(
+            f"the tokenizer cannot tokenize pre-split words ({str(e).splitlines()[0][:200]}): save it with "
+            "add_prefix_space=True, or use a WordPiece/SentencePiece checkpoint for token classification"
+        ) from None
     chunks, owners, firsts, cut = [], [], [], 0
     for s, ws in enumerate(words):
         counts = [0] * len(ws)
