@@ -376,7 +376,7 @@ def test_bad_input_stops_before_training_with_one_clear_error(tmp_path, bert_dir
         task["train_file"] = str(_write(tmp_path / "a.conll", "hamlet B-PER\nspoke\n\nthe O\n"))
     elif case == "not_iob":
         text = "\n\n".join("hamlet NN\nspoke VB" for _ in range(10))
-        task.update(train_file=str(_write(tmp_path / "a.conll", text)), entity_metrics="true")
+        task.update(train_file=str(_write(tmp_path / "a.conll", text)), entity_metrics=True)  # YAML true
     elif case == "answer_start":
         rows = [
             {"question": "q?", "context": "the king spoke", "answers": {"text": ["king"], "answer_start": [3]}}

@@ -51,7 +51,7 @@ def check_task_args(recipe) -> None:
     task, f = recipe.task, recipe.finetune
     if task.type is not None:
         check_choice("task.type", task.type, TASK_TYPES)
-    check_choice("task.entity_metrics", str(task.entity_metrics).lower(), ("auto", "true", "false"))
+    check_choice("task.entity_metrics", entity_metrics(task), ("auto", "true", "false"))
     kind = task.type
     if kind is None and task.name in BUILTIN_TASKS:
         kind = BUILTIN_TASKS[task.name].task_type
@@ -73,6 +73,12 @@ def check_task_args(recipe) -> None:
             "task.packing cannot be used with prompt tuning (the virtual tokens would need a place in every packed "
             "example's mask): set task.packing=false"
         )
+
+
+def entity_metrics(task) -> str:
+    """task.entity_metrics as auto/true/false (a YAML boolean arrives in a text field as yes/no)."""
+    value = str(task.entity_metrics).lower()
+    return {"yes": "true", "no": "false"}.get(value, value)
 
 
 def check_doc_stride(task) -> None:

@@ -132,7 +132,9 @@ class TokenClassification(TaskType):
                 raise ToolkitError(
                     f"the {split} split has tags that training never saw: {', '.join(unseen[:5])}; correct the data"
                 )
-        asked = str(task.entity_metrics).lower()
+        from toolkit.finetuning.types import entity_metrics
+
+        asked = entity_metrics(task)
         iob = is_iob(seen)
         if asked == "true" and not iob:
             bad = [t for t in seen if not IOB_TAG.match(t)][:5]
