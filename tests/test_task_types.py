@@ -495,3 +495,14 @@ def test_built_in_movie_dialog_reads_statement_reply_pairs(gpt_dir):
     row = data.raw["train"][0]
     assert row["prompt"] and row["response"]  # statement -> reply, both non-empty
     assert all(-100 in labels[:1] for labels in data.train["labels"])  # the statement carries no loss
+
+
+def test_qlora_question_answering_keeps_the_span_head_in_full_precision_and_predicts(tmp_path, bert_dir):
+    squad = _squad(tmp_path / "squad.json", random.Random(4))
+    r = _recipe(tmp_path / "qlora", bert_dir, train_file=str(squad), max_seq_length=32, doc_stride=8)
+    r["finetune"] = {"mode": "qlora"}
+    result = toolkit.finetune(r)
+    heads = [m for n, m in result.model.named_modules() if n.endswith("qa_outputs.modules_to_save.default")]
+    assert heads and heads[0].weight.dtype == torch.float32 and heads[0].weight.requires_grad
+    path, scores = toolkit.predict(result.output_dir, str(squad), tmp_path / "answers.jsonl")
+    assert len(path.read_text().splitlines()) == 30 and 0 <= scores["exact_match"] <= 100

@@ -25,7 +25,7 @@ from toolkit.hf import quiet_transformers
 
 # Modules the 4-bit base keeps in full precision: the head, which trains. transformers matches these
 # from the start of a module's name or as a suffix, so BERT's pooler (`bert.pooler.dense`) needs `.*`.
-QLORA_SKIP_MODULES = ["classifier", "pre_classifier", "score", ".*pooler"]
+QLORA_SKIP_MODULES = ["classifier", "pre_classifier", "score", "qa_outputs", ".*pooler"]
 
 
 @dataclass

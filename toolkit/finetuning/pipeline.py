@@ -69,7 +69,7 @@ def run(recipe: FinetuneRecipe) -> FinetuneResult:
         with quiet_datasets():
             kind = types.resolve_type(recipe.task)
             types.check_mode(kind, f.mode)  # before the data is tokenized
-            kind, found, loaded["data"] = types.load_any(recipe.task, tokenizer)
+            kind, found, loaded["data"] = types.load_any(recipe.task, tokenizer, kind)
             if found is not None:
                 loaded["plugin"] = found
 

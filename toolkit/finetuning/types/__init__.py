@@ -129,14 +129,14 @@ def resolve_type(task) -> str:
     return infer_type(table.column_names, task)
 
 
-def load_any(task, tokenizer) -> tuple[str, object, object]:
+def load_any(task, tokenizer, kind: str | None = None) -> tuple[str, object, object]:
     """(type, plug-in or None, data) of any task: classification through tasks.py, the rest through
     their plug-ins."""
     import dataclasses
 
     from toolkit.finetuning.tasks import load_task
 
-    kind = resolve_type(task)
+    kind = kind or resolve_type(task)
     if kind in CLASSIFICATION:
         if kind == "regression":
             task = dataclasses.replace(task, problem_type="regression")
