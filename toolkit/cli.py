@@ -16,7 +16,11 @@ import sys
 from dataclasses import dataclass
 
 MODES = "frozen, full, prompt, prefix, ptuning, lora, qlora, cloze"
-TASKS = "movie-sentiment, movie-rating, sms-spam, question-type, amazon-sentiment, nyt-sentiment, tweet-sentiment"
+TASKS = (
+    "movie-sentiment, movie-rating, sms-spam, question-type, amazon-sentiment, nyt-sentiment, tweet-sentiment, "
+    "movie-dialog"
+)
+TASK_TYPES = "sequence_classification, regression, token_classification, question_answering, generation"
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,8 @@ RECIPE_VERBS = (
         "finetune",
         "fine-tune a checkpoint on labelled data",
         "Fine-tune a checkpoint folder on a labelled task from a YAML recipe; override any key as key=value "
-        f"(e.g. finetune.mode=lora task.train_file=data.csv). Modes: {MODES}. Built-in tasks (task.name): {TASKS}.",
+        f"(e.g. finetune.mode=lora task.train_file=data.csv). Modes: {MODES}. Built-in tasks (task.name): {TASKS}. "
+        f"Task types (task.type, inferred from the data when unset): {TASK_TYPES}.",
         "toolkit.finetuning.pipeline:finetune",
         "toolkit.finetuning.config:FinetuneRecipe",
         "recipes/finetune-full.yaml",

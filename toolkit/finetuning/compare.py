@@ -71,7 +71,7 @@ def compare(recipe=None, overrides=None, **kwargs) -> CompareResult:
     import os
 
     from toolkit.finetuning.pipeline import run
-    from toolkit.finetuning.tasks import load_task
+    from toolkit.finetuning.types import load_any
     from toolkit.hf import quiet_datasets
     from toolkit.models import check_model_dir
     from toolkit.paths import resolve_path
@@ -84,7 +84,7 @@ def compare(recipe=None, overrides=None, **kwargs) -> CompareResult:
     check_model_dir(model_dir)
     tokenizer_dir = resolve_path(shared.model.tokenizer_name_or_path) if shared.model.tokenizer_name_or_path else None
     with quiet_datasets():
-        data = load_task(shared.task, load_model_tokenizer(model_dir, tokenizer_dir))
+        _, _, data = load_any(shared.task, load_model_tokenizer(model_dir, tokenizer_dir))
     main = os.environ.get("RANK", "0") == "0"
     _import_before_measuring()
 
@@ -133,7 +133,9 @@ NOTES = (
 def summarise(mode: str, recipe, result: FinetuneResult, peak_mib: float, problem_type: str) -> dict:
     m = result.metrics
     row = {"mode": mode}
-    if problem_type == "regression":
+    if problem_type in TYPE_COLUMNS:  # token classification, question answering, generation
+        row.update({k: m.get(k) for k in TYPE_COLUMNS[problem_type]})
+    elif problem_type == "regression":
         row.update(test_pearson=m.get("test_pearson"), test_spearman=m.get("test_spearman"))
     else:
         row.update(
@@ -171,7 +173,19 @@ def spread(runs: list[dict]) -> dict:
     return row
 
 
+TYPE_COLUMNS = {
+    "token_classification": ("test_f1", "test_token_accuracy"),
+    "question_answering": ("test_exact_match", "test_f1"),
+    "generation": ("test_perplexity", "test_rougeL", "test_f1"),
+}
+
+
 COLUMNS = {  # key: (header, format)
+    "test_f1": ("test F1", "{:.3f}"),
+    "test_token_accuracy": ("test token accuracy", "{:.3f}"),
+    "test_exact_match": ("test exact match", "{:.2f}"),
+    "test_perplexity": ("test perplexity", "{:.2f}"),
+    "test_rougeL": ("test ROUGE-L", "{:.2f}"),
     "mode": ("mode", "{}"),
     "seeds": ("seeds", "{}"),
     **{f"{k}_sd": (f"{k.removeprefix('test_').replace('_', '-')} sd", "{:.3f}") for k in TEST_METRICS},

@@ -54,7 +54,7 @@ class TaskArgs:
 
     name: str | None = help_field(
         "A built-in task instead of files: movie-sentiment, movie-rating, sms-spam, question-type, "
-        "amazon-sentiment, nyt-sentiment or tweet-sentiment (listed in `toolkit finetune --help`).",
+        "amazon-sentiment, nyt-sentiment, tweet-sentiment or movie-dialog (listed in `toolkit finetune --help`).",
         default=None,
     )
     train_file: str | None = help_field(
@@ -100,6 +100,65 @@ class TaskArgs:
         "per class (as LM-BFF does); the test split stays whole. Unset: all rows.",
         default=None,
     )
+    # ---- task types beyond sentence classification (toolkit/finetuning/types/) ----
+    type: str | None = help_field(
+        "sequence_classification, regression, token_classification, question_answering or generation; unset: "
+        "inferred from the data (tokens + tags columns or a CoNLL file: token_classification; question, "
+        "context, answers or SQuAD JSON: question_answering; prompt + response or messages: generation; "
+        "otherwise sequence_classification).",
+        default=None,
+    )
+    tokens_field: str = help_field("token_classification: column holding each row's list of words.", default="tokens")
+    tags_field: str | None = help_field(
+        "token_classification: column holding each row's list of tags (names or ClassLabel ids); unset: the "
+        "first of ner_tags, tags, pos_tags, chunk_tags, labels.",
+        default=None,
+    )
+    conll_tag_column: int = help_field(
+        "token_classification, CoNLL files: which whitespace-separated column holds the tag (-1: the last).",
+        default=-1,
+    )
+    label_all_tokens: bool = help_field(
+        "token_classification: label every sub-word of a word (B- becomes I- after the first) instead of only "
+        "the first; predictions and metrics always read the first sub-word.",
+        default=False,
+    )
+    entity_metrics: str = help_field(
+        "token_classification: entity-level precision/recall/F1 by seqeval: auto (when the tags are IOB/IOB2/"
+        "BIOES), true (required: tags in another scheme are an error) or false (token accuracy only).",
+        default="auto",
+    )
+    doc_stride: int = help_field(
+        "question_answering: tokens shared by consecutive windows of a long context.", default=32
+    )
+    max_answer_length: int = help_field("question_answering: longest answer span, in tokens.", default=30)
+    n_best_size: int = help_field("question_answering: start and end candidates searched per window.", default=20)
+    null_score_diff_threshold: float = help_field(
+        "question_answering with unanswerable questions (SQuAD v2.0): predict no answer when the no-answer "
+        "score exceeds the best span's by more than this.",
+        default=0.0,
+    )
+    prompt_field: str = help_field("generation: column holding the prompt.", default="prompt")
+    response_field: str = help_field("generation: column holding the response.", default="response")
+    messages_field: str = help_field(
+        "generation: column holding chat messages ([{role, content}, ...], the last one the assistant's).",
+        default="messages",
+    )
+    train_on_prompt: bool = help_field(
+        "generation: also compute the loss on prompt tokens (default: response tokens only).", default=False
+    )
+    packing: bool = help_field(
+        "generation: pack several short examples into one row of max_seq_length tokens; each example attends "
+        "only to itself (a block-diagonal mask and positions restarting at 0).",
+        default=False,
+    )
+    max_new_tokens: int = help_field(
+        "generation: tokens generated per prompt by predict and the test split.", default=32
+    )
+    num_beams: int = help_field("generation: beams for predict and the test split (1: greedy or sampling).", default=1)
+    do_sample: bool = help_field("generation: sample instead of greedy/beam decoding.", default=False)
+    temperature: float = help_field("generation with do_sample: sampling temperature.", default=1.0)
+    top_p: float = help_field("generation with do_sample: nucleus sampling mass.", default=1.0)
 
 
 @dataclass
@@ -336,7 +395,9 @@ class FinetuneRecipe:
             from toolkit.finetuning.cloze import check_prompt
 
             check_prompt(self.prompt, pair=len(task.text_fields) == 2)
+        from toolkit.finetuning.types.rules import check_task_args
 
+        check_task_args(self)
         t.validate()
 
         if not self.compare.modes:

@@ -41,7 +41,7 @@ def is_decoder(model) -> bool:
 def head_modules(model) -> list[str]:
     """Names of the modules that form the classification head, BERT's pooler included (it sits
     between the encoder and the classifier and is untrained in a masked-LM checkpoint)."""
-    names = [n for n in ("pre_classifier", "classifier", "score") if hasattr(model, n)]
+    names = [n for n in ("pre_classifier", "classifier", "score", "qa_outputs") if hasattr(model, n)]
     base = model.base_model
     if getattr(base, "pooler", None) is not None:
         names.append(f"{model.base_model_prefix}.pooler")

@@ -116,4 +116,6 @@ def compute(problem_type: str, logits: torch.Tensor, labels: torch.Tensor) -> di
 
 def main_metric(problem_type: str) -> str:
     """The metric a comparison ranks by."""
-    return "pearson" if problem_type == "regression" else "accuracy"
+    return {"regression": "pearson", "question_answering": "f1", "generation": "perplexity"}.get(
+        problem_type, "accuracy"
+    )

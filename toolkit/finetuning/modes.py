@@ -25,7 +25,7 @@ from toolkit.hf import quiet_transformers
 
 # Modules the 4-bit base keeps in full precision: the head, which trains. transformers matches these
 # from the start of a module's name or as a suffix, so BERT's pooler (`bert.pooler.dense`) needs `.*`.
-QLORA_SKIP_MODULES = ["classifier", "pre_classifier", "score", ".*pooler"]
+QLORA_SKIP_MODULES = ["classifier", "pre_classifier", "score", "qa_outputs", ".*pooler"]
 
 
 @dataclass
@@ -56,31 +56,38 @@ def classification_config(model_dir: str, data, tokenizer, overrides: dict):
     return config
 
 
-def build(recipe, data, tokenizer, model_dir: str, device) -> Built:
-    """Load the checkpoint as a sequence classifier and make the mode's parameters trainable."""
+def build(
+    recipe, data, tokenizer, model_dir: str, device, auto_class: str = "AutoModelForSequenceClassification", config=None
+) -> Built:
+    """Load the checkpoint as `auto_class` (a sequence classifier unless a task type says otherwise,
+    with `config` carrying its labels) and make the mode's parameters trainable."""
     import transformers
 
     f = recipe.finetune
-    config = classification_config(model_dir, data, tokenizer, recipe.model.config_overrides)
+    classifier = auto_class == "AutoModelForSequenceClassification"
+    if config is None:
+        config = classification_config(model_dir, data, tokenizer, recipe.model.config_overrides)
     kwargs: dict = {"config": config}
     if f.mode == "qlora":
         kwargs.update(quantization_config=bnb_config(f, config), device_map={"": device})
     try:
         with quiet_transformers():
-            model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+            model, info = getattr(transformers, auto_class).from_pretrained(
                 model_dir, output_loading_info=True, **kwargs
             )
     except (ValueError, KeyError, OSError) as e:
-        raise ToolkitError(
-            f"cannot load '{model_dir}' as a sequence classifier (AutoModelForSequenceClassification): {e}"
-        ) from None
+        raise ToolkitError(f"cannot load '{model_dir}' as {auto_class}: {e}") from None
     new = sorted(info.get("missing_keys", []))
-    if (f.mode == "frozen" or f.pooling == "mean" and f.mode == "full") and type(model).__name__ not in NATIVE_CLASSES:
+    if (
+        classifier
+        and (f.mode == "frozen" or f.pooling == "mean" and f.mode == "full")
+        and type(model).__name__ not in NATIVE_CLASSES
+    ):
         raise ToolkitError(
             f"the frozen mode and mean pooling know the heads of {', '.join(NATIVE_CLASSES)}, not "
             f"{type(model).__name__}: use finetune.mode=full with finetune.pooling=cls, or a PEFT mode"
         )
-    if f.mode == "frozen":
+    if f.mode == "frozen":  # the other types run the fixed encoder at every step (no feature cache)
         head = tuple(f"{name}." for name in head_modules(model))
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith(head)
@@ -88,7 +95,7 @@ def build(recipe, data, tokenizer, model_dir: str, device) -> Built:
     elif f.mode == "full":
         for p in model.parameters():
             p.requires_grad = True
-        if f.pooling == "mean":  # the same weights, a forward that mean-pools (heads.py)
+        if f.pooling == "mean" and classifier:  # the same weights, a forward that mean-pools (heads.py)
             model.__class__ = mean_pooled(type(model).__name__)[1]
         peft_model = model
     else:
@@ -128,7 +135,8 @@ def _peft_model(model, recipe, data, tokenizer, model_dir: str):
 
     f = recipe.finetune
     head = [name.rsplit(".", 1)[-1] for name in head_modules(model)]
-    common = {"task_type": peft.TaskType.SEQ_CLS, "modules_to_save": head}
+    task_type = PEFT_TASK_TYPES.get(type(model).__name__.split("For")[-1], peft.TaskType.SEQ_CLS)
+    common = {"task_type": task_type, "modules_to_save": head or None}
     if f.mode == "prompt":
         text = f.prompt_init_text or default_prompt_text(data)
         cfg = peft.PromptTuningConfig(
@@ -177,7 +185,16 @@ def _peft_model(model, recipe, data, tokenizer, model_dir: str):
         raise ToolkitError(f"cannot set up finetune.mode={f.mode} on {type(model).__name__}: {e}") from None
 
 
+PEFT_TASK_TYPES = {  # the head class's suffix -> PEFT's task type
+    "TokenClassification": "TOKEN_CLS",
+    "QuestionAnswering": "QUESTION_ANS",
+    "CausalLM": "CAUSAL_LM",
+}
+
+
 def default_prompt_text(data) -> str:
+    if getattr(data, "prompt_text", None):
+        return data.prompt_text
     if data.problem_type == "regression":
         return "Rate the text on a scale:"
     return f"Classify the text as {' or '.join(data.labels)}:"

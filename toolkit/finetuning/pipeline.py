@@ -24,6 +24,7 @@ from toolkit.engine.run import Setup, metrics_summary
 from toolkit.finetuning.config import PEFT_MODES, POOLING_MODES, FinetuneRecipe
 
 POOLING_FILE = "toolkit_pooling.py"
+TASK_FILE = "toolkit_task.json"  # the task type and facts predict needs (e.g. unanswerable questions)
 
 
 @dataclass
@@ -48,7 +49,6 @@ def finetune(recipe=None, overrides: list[str] | dict | None = None, **kwargs) -
 
 def run(recipe: FinetuneRecipe) -> FinetuneResult:
     from toolkit.finetuning import modes
-    from toolkit.finetuning.tasks import load_task
     from toolkit.hf import quiet_datasets
     from toolkit.models import check_model_dir, is_causal_lm, load_config
     from toolkit.paths import resolve_path
@@ -61,36 +61,55 @@ def run(recipe: FinetuneRecipe) -> FinetuneResult:
     loaded: dict = {}
 
     def checks() -> None:  # the checkpoint, its tokenizer and the task's data, before any training
+        from toolkit.finetuning import types
+
         check_model_dir(model_dir)
         loaded["tokenizer"] = tokenizer = load_model_tokenizer(model_dir, tokenizer_dir)
         modes.check_lengths(recipe, load_config(model_dir, {}))
         with quiet_datasets():
-            loaded["data"] = data = load_task(recipe.task, tokenizer)
-            if recipe.task.shots:
-                from toolkit.finetuning.fewshot import sample_shots
-
-                sample_shots(data, recipe.task.shots, recipe.training.seed)
-            if f.mode == "cloze":  # templates rendered, verbalizer checked against the vocabulary
-                from toolkit.finetuning import causal, cloze
-
-                loaded["causal"] = is_causal_lm(load_config(model_dir, {}))
-                if loaded["causal"]:  # a GPT-style model: label words scored by their likelihood
-                    loaded["verbalizer"] = causal.encode_task(
-                        data, tokenizer, recipe.prompt, recipe.task.max_seq_length, recipe.training.seed
-                    )
-                elif recipe.prompt.demonstrations:
+            kind = types.resolve_type(recipe.task)
+            types.check_mode(kind, f.mode)  # before the data is tokenized
+            kind, found, loaded["data"] = types.load_any(recipe.task, tokenizer, kind)
+            if found is not None:  # token classification, question answering, generation
+                loaded["plugin"] = found
+                if recipe.task.shots:
                     from toolkit.errors import ToolkitError
 
                     raise ToolkitError(
-                        f"prompt.demonstrations={recipe.prompt.demonstrations} is for causal LMs (in-context "
-                        f"examples before the prompt), and '{recipe.model.model_name_or_path}' is a masked LM: "
-                        "set prompt.demonstrations=0"
+                        f"task.shots samples examples per class, which task.type={kind} does not have: unset it "
+                        "(task.max_train_samples takes a subset of any task)"
                     )
-                else:
-                    loaded["verbalizer"] = cloze.encode_task(data, tokenizer, recipe.prompt, recipe.task.max_seq_length)
+            else:
+                data = loaded["data"]
+                if recipe.task.shots:
+                    from toolkit.finetuning.fewshot import sample_shots
+
+                    sample_shots(data, recipe.task.shots, recipe.training.seed)
+                if f.mode == "cloze":  # templates rendered, verbalizer checked against the vocabulary
+                    from toolkit.finetuning import causal, cloze
+
+                    loaded["causal"] = is_causal_lm(load_config(model_dir, {}))
+                    if loaded["causal"]:  # a GPT-style model: label words scored by their likelihood
+                        loaded["verbalizer"] = causal.encode_task(
+                            data, tokenizer, recipe.prompt, recipe.task.max_seq_length, recipe.training.seed
+                        )
+                    elif recipe.prompt.demonstrations:
+                        from toolkit.errors import ToolkitError
+
+                        raise ToolkitError(
+                            f"prompt.demonstrations={recipe.prompt.demonstrations} is for causal LMs (in-context "
+                            f"examples before the prompt), and '{recipe.model.model_name_or_path}' is a masked LM: "
+                            "set prompt.demonstrations=0"
+                        )
+                    else:
+                        loaded["verbalizer"] = cloze.encode_task(
+                            data, tokenizer, recipe.prompt, recipe.task.max_seq_length
+                        )
 
     def setup(accelerator, resume) -> Setup:
         tokenizer, data = loaded["tokenizer"], loaded["data"]
+        if "plugin" in loaded:  # token classification, question answering, generation
+            return _type_setup(recipe, loaded["plugin"], data, tokenizer, model_dir, accelerator, started)
         main = accelerator.is_main_process
         if main:
             rows = ", ".join(f"{k} {v}" for k, v in data.rows.items())
@@ -170,12 +189,90 @@ def run(recipe: FinetuneRecipe) -> FinetuneResult:
 
     outcome = harness.run(recipe, setup, name=f"finetune-{f.mode}", checks=checks)
     trained = outcome.model
-    if f.mode == "frozen" and f.pooling == "mean":  # in memory as saved: the mean-pooling forward
+    if (
+        f.mode == "frozen" and f.pooling == "mean" and "plugin" not in loaded
+    ):  # in memory as saved: the mean-pooling forward
         from toolkit.finetuning.heads import mean_pooled
 
         trained.__class__ = mean_pooled(type(trained).__name__)[1]
     return FinetuneResult(
         output_dir=outcome.output_dir, metrics=outcome.metrics, model=trained, tokenizer=loaded["tokenizer"]
+    )
+
+
+def _type_setup(recipe, kind, data, tokenizer, model_dir: str, accelerator, started: float) -> Setup:
+    """The run of a task type plug-in (types/): the same engine, modes and outputs, the plug-in's
+    model class, objective, metrics and predictions."""
+    from toolkit.finetuning import modes
+    from toolkit.finetuning.types.base import write_type_card
+
+    f = recipe.finetune
+    main = accelerator.is_main_process
+    if main:
+        rows = ", ".join(f"{k} {v}" for k, v in data.rows.items())
+        tags = f"; {len(data.labels)} tags" if data.labels else ""
+        windows = ", ".join(f"{k} {len(v)}" for k, v in data.splits().items())
+        print(
+            f"task ({kind.name}): {rows} examples{tags}; features {windows}"
+            + "".join(f"\n  note: {n}" for n in data.notes)
+        )
+    config = kind.model_config(model_dir, data, tokenizer, recipe.model.config_overrides)
+    built = modes.build(
+        recipe, data, tokenizer, model_dir, accelerator.device, auto_class=kind.auto_class, config=config
+    )
+    if main:
+        share = 100 * built.trainable / max(built.total, 1)
+        print(
+            f"model: {type(built.base).__name__} from {recipe.model.model_name_or_path}, mode {f.mode}: "
+            f"{built.trainable:,} of {built.total:,} parameters train ({share:.2f}%)"
+            + (f"; new: {_summarise(built.new_weights)}" if built.new_weights else "")
+        )
+    objective = kind.objective(built.model, recipe, data, tokenizer)
+    test_examples: dict = {}
+
+    def after_train(model, accelerator, job) -> dict:  # the test split, every prediction kept
+        from toolkit.engine.loop import eval_loader, evaluate
+
+        if data.test is None:
+            return {}
+        if hasattr(objective, "reference"):  # what the test split's metrics score against
+            objective.reference = (data.test, data.raw["test"])
+        loader = eval_loader(dataclasses.replace(job, eval_data=data.test), accelerator, job.training.seed)
+        scores = evaluate(model, objective, loader, accelerator, examples_out=test_examples)
+        if accelerator.is_main_process:
+            scores.update(kind.test_metrics(objective.model, objective, data, recipe, tokenizer, test_examples))
+        return {f"test_{k}": v for k, v in scores.items()}
+
+    def write_outputs(folder: Path, metrics: dict) -> None:
+        epochs = metrics.get("train_epoch") or 0.0
+        metrics.update(
+            epochs=epochs,
+            train_seconds_per_epoch=metrics["train_seconds"] / epochs if epochs else None,
+            output_bytes=output_size(folder),
+            total_seconds=time.perf_counter() - started,
+        )
+        facts = {k: v for k, v in data.extra.items() if isinstance(v, (bool, int, float, str))}
+        (folder / TASK_FILE).write_text(json.dumps({"task_type": kind.name, **facts}, indent=2) + "\n")
+        if data.test is not None and (test_examples or kind.name == "generation"):
+            kind.write_predictions(folder, data, test_examples, objective)
+
+    return Setup(
+        objective=objective,
+        tokenizer=tokenizer,
+        train_data=data.train,
+        eval_data=data.validation,
+        after_train=after_train,
+        save_model=lambda folder, objective, state: save_model(objective.model, folder, recipe, model_dir, state),
+        write_outputs=write_outputs,
+        write_card=lambda folder, metrics: write_type_card(folder, recipe, kind, data, metrics, model_dir),
+        metrics={
+            "mode": f.mode,
+            "task_type": kind.name,
+            "trainable_params": built.trainable,
+            "total_params": built.total,
+            "trainable_share": built.trainable / max(built.total, 1),
+            "feature_seconds": 0.0,
+        },
     )
 
 

