@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from toolkit.errors import ToolkitError
-from toolkit.finetuning.cloze import parse_template, templates_of, word_pieces
+from toolkit.finetuning.cloze import parse_template, templates_of, verbalizer_pieces
 from toolkit.finetuning.objective import SequenceClassifier
 
 SEPARATOR = "\n\n"  # between in-context demonstrations and before the query
@@ -40,37 +40,16 @@ SEPARATOR = "\n\n"  # between in-context demonstrations and before the query
 
 def label_words(tokenizer, labels: list[str], verbalizer: dict) -> list[list[list[int]]]:
     """For each label (in id order) the token ids of each of its words (every piece, not only the first)."""
-    given = {str(k): ([v] if isinstance(v, str) else list(v)) for k, v in verbalizer.items()}
-    missing = [n for n in labels if n not in given]
-    if missing:
-        raise ToolkitError(
-            f"prompt.verbalizer has no word for label(s) {', '.join(map(repr, missing))}: give a word for each of "
-            f"{', '.join(labels)}"
-        )
-    extra = sorted(set(given) - set(labels))
-    if extra:
-        raise ToolkitError(
-            f"prompt.verbalizer names label(s) {', '.join(map(repr, extra))} that the task does not have "
-            f"(its labels are {', '.join(labels)})"
-        )
     out, owner = [], {}
-    for label in labels:
-        words = []
-        for word in given[label]:
-            pieces = word_pieces(tokenizer, word)
-            if not pieces or (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in pieces):
-                raise ToolkitError(
-                    f"prompt.verbalizer word {word!r} (label {label!r}) is not in the tokenizer's vocabulary: "
-                    "choose another word"
-                )
+    for label, words in zip(labels, verbalizer_pieces(tokenizer, labels, verbalizer)):
+        for word, pieces in words:
             if owner.get(tuple(pieces), label) != label:
                 raise ToolkitError(
                     f"prompt.verbalizer gives {owner[tuple(pieces)]!r} and {label!r} the same word {word!r}: "
                     "choose other words"
                 )
             owner[tuple(pieces)] = label
-            words.append(pieces)
-        out.append(words)
+        out.append([pieces for _, pieces in words])
     return out
 
 

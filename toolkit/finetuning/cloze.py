@@ -112,8 +112,9 @@ def word_pieces(tokenizer, word: str) -> list[int]:
     return tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"]
 
 
-def verbalizer_ids(tokenizer, labels: list[str], verbalizer: dict, single_token: bool) -> list[list[int]]:
-    """For each label (in id order) the token ids that score it: the first piece of each word."""
+def verbalizer_pieces(tokenizer, labels: list[str], verbalizer: dict) -> list[list[tuple[str, list[int]]]]:
+    """For each label (in id order) its words and their token ids: every label has a word, every word is
+    one of the task's labels' and in the vocabulary (shared by masked-LM and causal-LM scoring)."""
     given = {str(k): ([v] if isinstance(v, str) else list(v)) for k, v in verbalizer.items()}
     missing = [n for n in labels if n not in given]
     if missing:
@@ -127,9 +128,9 @@ def verbalizer_ids(tokenizer, labels: list[str], verbalizer: dict, single_token:
             f"prompt.verbalizer names label(s) {', '.join(map(repr, extra))} that the task does not have "
             f"(its labels are {', '.join(labels)})"
         )
-    ids, owner = [], {}
+    out = []
     for label in labels:
-        label_ids = []
+        words = []
         for word in given[label]:
             pieces = word_pieces(tokenizer, word)
             if not pieces or (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in pieces):
@@ -137,6 +138,17 @@ def verbalizer_ids(tokenizer, labels: list[str], verbalizer: dict, single_token:
                     f"prompt.verbalizer word {word!r} (label {label!r}) is not in the tokenizer's vocabulary: "
                     "choose another word"
                 )
+            words.append((word, pieces))
+        out.append(words)
+    return out
+
+
+def verbalizer_ids(tokenizer, labels: list[str], verbalizer: dict, single_token: bool) -> list[list[int]]:
+    """For each label (in id order) the token ids that score it: the first piece of each word."""
+    ids, owner = [], {}
+    for label, words in zip(labels, verbalizer_pieces(tokenizer, labels, verbalizer)):
+        label_ids = []
+        for word, pieces in words:
             if single_token and len(pieces) > 1:
                 raise ToolkitError(
                     f"prompt.verbalizer word {word!r} (label {label!r}) is not a single token of the vocabulary "
