@@ -134,22 +134,16 @@ def run(recipe: FinetuneRecipe) -> FinetuneResult:
         test_examples: dict = {}
 
         def after_train(model, accelerator, job) -> dict:  # the test split, every prediction kept
-            from toolkit.engine.loop import eval_loader, evaluate
 
             if test_data is None:
                 return {}
-            loader = eval_loader(dataclasses.replace(job, eval_data=test_data), accelerator, job.training.seed)
-            scores = evaluate(model, objective, loader, accelerator, examples_out=test_examples)
-            return {f"test_{k}": v for k, v in scores.items()}
+            return {
+                f"test_{k}": v
+                for k, v in evaluate_split(model, objective, job, accelerator, test_data, test_examples).items()
+            }
 
         def write_outputs(folder: Path, metrics: dict) -> None:
-            epochs = metrics.get("train_epoch") or 0.0
-            metrics.update(
-                epochs=epochs,
-                train_seconds_per_epoch=metrics["train_seconds"] / epochs if epochs else None,
-                output_bytes=output_size(folder),
-                total_seconds=time.perf_counter() - started,
-            )
+            add_run_facts(metrics, folder, started)
             if test_examples:
                 write_predictions(folder / "test_predictions.csv", data, data.test, test_examples)
             if f.mode == "cloze":  # what `toolkit predict` needs to ask the masked LM
@@ -231,26 +225,18 @@ def _type_setup(recipe, kind, data, tokenizer, model_dir: str, accelerator, star
     test_examples: dict = {}
 
     def after_train(model, accelerator, job) -> dict:  # the test split, every prediction kept
-        from toolkit.engine.loop import eval_loader, evaluate
 
         if data.test is None:
             return {}
         if hasattr(objective, "reference"):  # what the test split's metrics score against
             objective.reference = (data.test, data.raw["test"])
-        loader = eval_loader(dataclasses.replace(job, eval_data=data.test), accelerator, job.training.seed)
-        scores = evaluate(model, objective, loader, accelerator, examples_out=test_examples)
+        scores = evaluate_split(model, objective, job, accelerator, data.test, test_examples)
         if accelerator.is_main_process:
             scores.update(kind.test_metrics(objective.model, objective, data, recipe, tokenizer, test_examples))
         return {f"test_{k}": v for k, v in scores.items()}
 
     def write_outputs(folder: Path, metrics: dict) -> None:
-        epochs = metrics.get("train_epoch") or 0.0
-        metrics.update(
-            epochs=epochs,
-            train_seconds_per_epoch=metrics["train_seconds"] / epochs if epochs else None,
-            output_bytes=output_size(folder),
-            total_seconds=time.perf_counter() - started,
-        )
+        add_run_facts(metrics, folder, started)
         facts = {k: v for k, v in data.extra.items() if isinstance(v, (bool, int, float, str))}
         (folder / TASK_FILE).write_text(json.dumps({"task_type": kind.name, **facts}, indent=2) + "\n")
         if data.test is not None and (test_examples or kind.name == "generation"):
@@ -273,6 +259,25 @@ def _type_setup(recipe, kind, data, tokenizer, model_dir: str, accelerator, star
             "trainable_share": built.trainable / max(built.total, 1),
             "feature_seconds": 0.0,
         },
+    )
+
+
+def evaluate_split(model, objective, job, accelerator, split, examples_out: dict) -> dict:
+    """Metrics of a whole split (the test split after training), every prediction kept in `examples_out`."""
+    from toolkit.engine.loop import eval_loader, evaluate
+
+    loader = eval_loader(dataclasses.replace(job, eval_data=split), accelerator, job.training.seed)
+    return evaluate(model, objective, loader, accelerator, examples_out=examples_out)
+
+
+def add_run_facts(metrics: dict, folder: Path, started: float) -> None:
+    """Epochs, seconds per epoch, size of the saved artifact and the run's total time, for results.json."""
+    epochs = metrics.get("train_epoch") or 0.0
+    metrics.update(
+        epochs=epochs,
+        train_seconds_per_epoch=metrics["train_seconds"] / epochs if epochs else None,
+        output_bytes=output_size(folder),
+        total_seconds=time.perf_counter() - started,
     )
 
 
