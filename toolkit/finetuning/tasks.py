@@ -339,34 +339,12 @@ def load_task(task, tokenizer=None, seed: int | None = None) -> TaskData:
             )
 
     # ---- held-out splits (stratified), then optional subsampling --------------------------------
-    strat = None if problem_type == "regression" else label_strings(feature, values)
-    train, remaining = raw["train"], 1.0  # shares are of all training rows
-    if "test" not in raw and task.test_split > 0:
-        keep, held = held_out_split(len(train), task.test_split, split_seed, strat)
-        raw["test"], train = train.select(held), train.select(keep)
-        strat = None if strat is None else [strat[i] for i in keep]
-        remaining -= task.test_split
-    if "validation" not in raw and task.validation_split > 0:
-        keep, held = held_out_split(len(train), task.validation_split / remaining, split_seed + 1, strat)
-        raw["validation"], train = train.select(held), train.select(keep)
-    raw["train"] = train
-    for split, limit in (
-        ("train", task.max_train_samples),
-        ("validation", task.max_eval_samples),
-        ("test", task.max_test_samples),
-    ):
-        ds = raw.get(split)
-        if ds is not None and limit is not None and len(ds) > limit:
-            s = (
-                None
-                if problem_type == "regression"
-                else label_strings(raw[split].features[label_field], ds[label_field][:])
-            )
-            keep, _ = held_out_split(len(ds), len(ds) - limit, split_seed + 2, s)
-            raw[split] = ds.select(keep)
-    for split, ds in raw.items():
-        if len(ds) == 0:
-            raise ToolkitError(f"the {split} split is empty: use more data or a larger task.{split}_split")
+    classes = (
+        None
+        if problem_type == "regression"
+        else (lambda ds: label_strings(ds.features[label_field], ds[label_field][:]))
+    )
+    raw = hold_out(raw, task, split_seed, classes)
 
     # ---- labels -> ids, checked on every split -----------------------------------------------------
     label2id = {n: i for i, n in enumerate(names)} if names else None
@@ -490,6 +468,33 @@ def _sorted_labels(feature, values, strings: list[str]) -> list[str]:
     if all(_is_number(v) for v in values):
         unique.sort(key=float)
     return unique
+
+
+def hold_out(raw: dict, task, seed: int, strata=None) -> dict:
+    """Validation and test held out of the training rows by seed where no file gives them (shares of all
+    training rows), then task.max_*_samples subsampling; `strata(split) -> labels` stratifies both
+    (classification). Every split must keep at least one row."""
+    train, remaining = raw["train"], 1.0
+    strat = strata(train) if strata else None
+    if "test" not in raw and task.test_split > 0:
+        keep, held = held_out_split(len(train), task.test_split, seed, strat)
+        raw["test"], train = train.select(held), train.select(keep)
+        strat = None if strat is None else [strat[i] for i in keep]
+        remaining -= task.test_split
+    if "validation" not in raw and task.validation_split > 0:
+        keep, held = held_out_split(len(train), task.validation_split / remaining, seed + 1, strat)
+        raw["validation"], train = train.select(held), train.select(keep)
+    raw["train"] = train
+    limits = {"train": task.max_train_samples, "validation": task.max_eval_samples, "test": task.max_test_samples}
+    for split, limit in limits.items():
+        ds = raw.get(split)
+        if ds is not None and limit is not None and len(ds) > limit:
+            keep, _ = held_out_split(len(ds), len(ds) - limit, seed + 2, strata(ds) if strata else None)
+            raw[split] = ds.select(keep)
+    for split, ds in raw.items():
+        if len(ds) == 0:
+            raise ToolkitError(f"the {split} split is empty: use more data or a larger task.{split}_split")
+    return raw
 
 
 def held_out_split(n: int, held: float | int, seed: int, strata: list | None) -> tuple[list[int], list[int]]:

@@ -153,30 +153,11 @@ def load_data(kind: TaskType, task, tokenizer, seed: int | None = None) -> TypeD
 
 
 def held_out(raw: dict, task, seed: int) -> dict:
-    """Validation/test splits held out of the training rows by seed (when not given), then subsampling."""
-    from toolkit.finetuning.tasks import held_out_split
+    """Validation/test splits held out of the training rows by seed (when not given), then subsampling
+    (tasks.hold_out, unstratified: these types have no one label per row)."""
+    from toolkit.finetuning.tasks import hold_out
 
-    train, remaining = raw["train"], 1.0
-    if "test" not in raw and task.test_split > 0:
-        keep, held = held_out_split(len(train), task.test_split, seed, None)
-        raw["test"], train = train.select(held), train.select(keep)
-        remaining -= task.test_split
-    if "validation" not in raw and task.validation_split > 0:
-        keep, held = held_out_split(len(train), task.validation_split / remaining, seed + 1, None)
-        raw["validation"], train = train.select(held), train.select(keep)
-    raw["train"] = train
-    for split, limit in (
-        ("train", task.max_train_samples),
-        ("validation", task.max_eval_samples),
-        ("test", task.max_test_samples),
-    ):
-        ds = raw.get(split)
-        if ds is not None and limit is not None and len(ds) > limit:
-            keep, _ = held_out_split(len(ds), len(ds) - limit, seed + 2, None)
-            raw[split] = ds.select(keep)
-    for split, ds in raw.items():
-        if len(ds) == 0:
-            raise ToolkitError(f"the {split} split is empty: use more data or a larger task.{split}_split")
+    raw = hold_out(raw, task, seed)
     return {k: raw[k] for k in ("train", "validation", "test") if k in raw}
 
 
