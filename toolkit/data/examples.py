@@ -6,20 +6,15 @@ from __future__ import annotations
 import torch
 
 
-class PaddedExamples(torch.utils.data.Dataset):
-    """Tokenized examples, padded per batch to its longest example (or always to `pad_to`)."""
+class LengthOrdered(torch.utils.data.Dataset):
+    """Rows of a datasets table with their lengths (for length-grouped batches); evaluation reads them
+    longest first (batches of similar length) while `idx` stays the row number, so gathered predictions
+    come back in dataset order. Subclasses turn `self.rows(indices)` into a batch in `__getitems__`."""
 
-    COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
-
-    def __init__(self, hf_dataset, pad_id: int, pad_to: int | None = None, longest_first: bool = False):
-        self.columns = [c for c in self.COLUMNS if c in hf_dataset.column_names]
-        self.ds = hf_dataset.select_columns([*self.columns, "labels"])
-        self.pad_id, self.pad_to = pad_id, pad_to
-        self.regression = hf_dataset.features["labels"].dtype.startswith("float")
-        self._lengths = [len(ids) for ids in self.ds["input_ids"][:]]
-        # Evaluation reads examples longest first (batches of similar length); `idx` stays the row
-        # number, so gathered predictions come back in dataset order.
-        self.order = sorted(range(len(self._lengths)), key=lambda i: -self._lengths[i]) if longest_first else None
+    def __init__(self, hf_dataset, columns: list[str], lengths: list[int], longest_first: bool = False):
+        self.ds = hf_dataset.select_columns(columns)
+        self._lengths = lengths
+        self.order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if longest_first else None
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -30,10 +25,27 @@ class PaddedExamples(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         return self.__getitems__([i])
 
-    def __getitems__(self, indices: list[int]) -> dict:
+    def rows(self, indices: list[int]) -> tuple[list[int], dict]:
+        """(row numbers, the rows' columns) of a batch of positions."""
         if self.order is not None:
             indices = [self.order[i] for i in indices]
-        rows = self.ds[indices]
+        return indices, self.ds[indices]
+
+
+class PaddedExamples(LengthOrdered):
+    """Tokenized examples, padded per batch to its longest example (or always to `pad_to`)."""
+
+    COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
+
+    def __init__(self, hf_dataset, pad_id: int, pad_to: int | None = None, longest_first: bool = False):
+        self.columns = [c for c in self.COLUMNS if c in hf_dataset.column_names]
+        lengths = [len(ids) for ids in hf_dataset["input_ids"][:]]
+        super().__init__(hf_dataset, [*self.columns, "labels"], lengths, longest_first)
+        self.pad_id, self.pad_to = pad_id, pad_to
+        self.regression = hf_dataset.features["labels"].dtype.startswith("float")
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        indices, rows = self.rows(indices)
         length = self.pad_to or max(len(ids) for ids in rows["input_ids"])
         batch = {}
         for c in self.columns:

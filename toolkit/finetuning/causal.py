@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from toolkit.data.examples import LengthOrdered
 from toolkit.errors import ToolkitError
 from toolkit.finetuning.cloze import parse_template, templates_of, verbalizer_pieces
 from toolkit.finetuning.objective import SequenceClassifier
@@ -209,24 +210,15 @@ def encode_task(data, tokenizer, prompt, max_len: int, seed: int) -> dict:
 # ---- scoring ----------------------------------------------------------------------------------------
 
 
-class CausalExamples(torch.utils.data.Dataset):
+class CausalExamples(LengthOrdered):
     """Each example's prompts (one per template), given as (batch, templates, length) with lengths."""
 
     def __init__(self, hf_dataset, longest_first: bool = False):
-        self.ds = hf_dataset.select_columns(["clm_ids", "labels"])
-        self._lengths = [max(map(len, ids)) for ids in self.ds["clm_ids"][:]]
-        self.order = sorted(range(len(self._lengths)), key=lambda i: -self._lengths[i]) if longest_first else None
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def lengths(self) -> list[int]:
-        return self._lengths
+        lengths = [max(map(len, ids)) for ids in hf_dataset["clm_ids"][:]]
+        super().__init__(hf_dataset, ["clm_ids", "labels"], lengths, longest_first)
 
     def __getitems__(self, indices: list[int]) -> dict:
-        if self.order is not None:
-            indices = [self.order[i] for i in indices]
-        rows = self.ds[indices]
+        indices, rows = self.rows(indices)
         prompts = rows["clm_ids"]
         width = max(len(s) for ids in prompts for s in ids)
         ids = torch.zeros((len(indices), len(prompts[0]), width), dtype=torch.long)

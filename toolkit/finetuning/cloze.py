@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from toolkit.data.examples import LengthOrdered
 from toolkit.errors import ToolkitError
 from toolkit.finetuning.objective import SequenceClassifier
 
@@ -270,25 +271,16 @@ def encode_task(data, tokenizer, prompt, max_len: int) -> list[list[int]]:
     return ids
 
 
-class ClozeExamples(torch.utils.data.Dataset):
+class ClozeExamples(LengthOrdered):
     """Rendered examples as (batch, templates, length) tensors, padded per batch."""
 
     def __init__(self, hf_dataset, pad_id: int, longest_first: bool = False):
-        self.ds = hf_dataset.select_columns(["cloze_ids", "cloze_mask", "labels"])
+        lengths = [max(map(len, ids)) for ids in hf_dataset["cloze_ids"][:]]
+        super().__init__(hf_dataset, ["cloze_ids", "cloze_mask", "labels"], lengths, longest_first)
         self.pad_id = pad_id
-        self._lengths = [max(map(len, ids)) for ids in self.ds["cloze_ids"][:]]
-        self.order = sorted(range(len(self._lengths)), key=lambda i: -self._lengths[i]) if longest_first else None
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def lengths(self) -> list[int]:
-        return self._lengths
 
     def __getitems__(self, indices: list[int]) -> dict:
-        if self.order is not None:
-            indices = [self.order[i] for i in indices]
-        rows = self.ds[indices]
+        indices, rows = self.rows(indices)
         n_templates = len(rows["cloze_ids"][0])
         width = max(len(s) for ids in rows["cloze_ids"] for s in ids)
         input_ids = torch.full((len(indices), n_templates, width), self.pad_id, dtype=torch.long)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from toolkit.data.examples import Passthrough
+from toolkit.data.examples import LengthOrdered, Passthrough
 from toolkit.errors import ToolkitError
 from toolkit.finetuning.types.base import TaskType, TypeData, pad_rows
 from toolkit.objectives.base import Objective
@@ -329,26 +329,18 @@ def tag_metrics(examples: dict, labels: list[str], entity: bool) -> dict:
     return out
 
 
-class TokenizedWindows(torch.utils.data.Dataset):
+class TokenizedWindows(LengthOrdered):
     """Windows padded per batch; per-token labels, word starts and sentence ids come along."""
 
     def __init__(self, ds, pad_id: int, width: int, longest_first: bool):
         self.columns = [c for c in FEATURE_COLUMNS if c in ds.column_names]
-        self.ds = ds.select_columns([*self.columns, "labels", "word_labels", "word_start", "sentence"])
+        lengths = [len(x) for x in ds["input_ids"][:]]
+        columns = [*self.columns, "labels", "word_labels", "word_start", "sentence"]
+        super().__init__(ds, columns, lengths, longest_first)
         self.pad_id, self.width = pad_id, width
-        self._lengths = [len(x) for x in self.ds["input_ids"][:]]
-        self.order = sorted(range(len(self._lengths)), key=lambda i: -self._lengths[i]) if longest_first else None
-
-    def __len__(self):
-        return len(self.ds)
-
-    def lengths(self):
-        return self._lengths
 
     def __getitems__(self, indices):
-        if self.order is not None:
-            indices = [self.order[i] for i in indices]
-        rows = self.ds[indices]
+        indices, rows = self.rows(indices)
         n = max(len(x) for x in rows["input_ids"])
         batch = {c: pad_rows(rows[c], n, self.pad_id if c == "input_ids" else 0) for c in self.columns}
         batch["labels"] = pad_rows(rows["labels"], n, -100)
@@ -357,9 +349,6 @@ class TokenizedWindows(torch.utils.data.Dataset):
         batch["sentence"] = torch.tensor(rows["sentence"])
         batch["idx"] = torch.tensor(indices)
         return batch
-
-    def __getitem__(self, i):
-        return self.__getitems__([i])
 
 
 class TokenClassifier(Objective):
