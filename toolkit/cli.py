@@ -120,7 +120,9 @@ def _run_recipe(verb: RecipeVerb, args) -> None:
 def _benchmark(args) -> None:
     from toolkit.benchmarking import benchmark
 
-    result = benchmark(args.model, args.suite, args.seeds, args.modes, args.output_dir, args.overrides)
+    result = benchmark(
+        args.model, args.suite, args.seeds, args.modes, args.output_dir, args.overrides, args.against_random_init
+    )
     if os.environ.get("RANK", "0") == "0":
         print(result.summary())
 
@@ -216,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, help="seeds per task (default: the suite's, 3)")
     p.add_argument("--modes", nargs="+", help="fine-tuning modes, e.g. frozen full (default: the suite's, full)")
     p.add_argument("--output-dir", help="default: outputs/benchmark/<model folder name>")
+    p.add_argument(
+        "--against-random-init",
+        action="store_true",
+        help="also benchmark the same architecture with fresh weights and write vs-random-init.md, task by task",
+    )
     p.set_defaults(func=_benchmark)
 
     p = sub.add_parser(

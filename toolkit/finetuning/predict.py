@@ -91,7 +91,7 @@ def prompt_model(model_dir: str | Path, templates: list[str], verbalizer, text_f
 
     from toolkit.finetuning import causal as causal_lm
     from toolkit.finetuning import cloze
-    from toolkit.models import is_causal_lm, load_config
+    from toolkit.models import is_causal_lm, load_config, max_positions
     from toolkit.paths import resolve_path
     from toolkit.tokenizer import load_model_tokenizer
 
@@ -113,8 +113,7 @@ def prompt_model(model_dir: str | Path, templates: list[str], verbalizer, text_f
     causal = is_causal_lm(config)
     model = cloze.load_lm(path, config, causal).eval()
     tokenizer = load_model_tokenizer(path)
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512
-    max_len = int(max_len or min(positions, 512))
+    max_len = int(max_len or min(max_positions(config), 512))
     labels = [str(k) for k in verbalizer]
     verbalizer = {str(k): v for k, v in verbalizer.items()}
     if causal:
