@@ -117,6 +117,16 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
+def keep_4bit_layout_for_training(model) -> None:
+    """bitsandbytes (0.50) repacks a 4-bit weight for inference on a CPU with AVX512-BF16 the first time
+    a no-grad eval pass runs, and never back: the next training step then fails inside bitsandbytes
+    ("a view of a leaf Variable ... in-place operation"). Training alternates with evaluation, so the
+    repacking is switched off for the run (it only speeds up inference)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def bnb_config(f, config):
     from transformers import BitsAndBytesConfig
 
@@ -181,6 +191,7 @@ def _peft_model(model, recipe, data, tokenizer, model_dir: str):
             )
         if f.mode == "qlora":
             model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+            keep_4bit_layout_for_training(model)
         cfg = peft.LoraConfig(
             r=f.lora_r, lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout, target_modules=targets, **common
         )
