@@ -243,3 +243,20 @@ def test_pipeline_resumes_and_accumulates_like_one_process(
     single = run_cli("pretrain", str(path), f"output_dir={tmp_path / 'single'}", *resume)
     assert single.returncode != 0
     assert "pipeline_parallel_size (2 -> 1)" in single.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_data_parallel_copies_of_a_pipeline_equal_one_process(tmp_path, corpus_dir, wordpiece_dir, bpe_dir):
+    """4 processes: 2 data-parallel copies of a 2-stage pipeline, batch 4 each, against one process's batch 8
+    (gradients averaged over the copies, the tie summed within each copy)."""
+    path = pretrain_recipe(tmp_path, corpus_dir, (wordpiece_dir, bpe_dir), "mlm")
+    one = run_cli("pretrain", str(path), f"output_dir={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    settings = ["training.pipeline_parallel_size=2", "training.per_device_train_batch_size=4"]
+    run = launch(4, "pretrain", str(path), f"output_dir={tmp_path / 'dp'}", *settings, port=29674)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "4 process(es), ddp over gloo, pipeline parallel 2 stages x data parallel 2" in run.stdout
+    state = json.loads((tmp_path / "dp" / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert (state["world_size"], state["pipeline_parallel_size"]) == (4, 2)
+    assert_same_run(tmp_path / "one", tmp_path / "dp")

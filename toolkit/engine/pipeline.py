@@ -26,6 +26,8 @@ returns a `Split`); objectives that return none are refused before training.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,8 +196,8 @@ class Pipeline(nn.Module):
                 holders.setdefault(id(p), []).append(s)
         named = dict(objective.named_parameters())
         stray = [n for n, p in named.items() if id(p) not in holders]
-        if stray:
-            raise ToolkitError(f"pipeline parallelism: no stage holds the parameters {', '.join(stray[:3])}")
+        if stray:  # a Split that forgot a module: its weights would be lost from the saved model
+            raise RuntimeError(f"pipeline parallelism: no stage holds the parameters {', '.join(stray[:3])}")
         mine = {id(p) for p in self.stage.parameters()}
         self.names = {id(p): n for n, p in named.items() if id(p) in mine}
         self.counted = {i for i in mine if holders[i][0] == self.index}  # a tied weight's norm counts once
@@ -212,6 +214,8 @@ class Pipeline(nn.Module):
             if id(p) not in mine:
                 torch.utils.swap_tensors(p, nn.Parameter(torch.empty_like(p, device="meta")))
         self.stage.to(self.device)
+        # mixed precision: the stage and the head (which runs in the loss function) under autocast
+        self.autocast = accelerator.autocast if accelerator.mixed_precision != "no" else contextlib.nullcontext
         if accelerator.mixed_precision != "no":
             self.stage.forward = accelerator.autocast()(self.stage.forward)
         self.runners: dict = {}
@@ -234,7 +238,8 @@ class Pipeline(nn.Module):
     # ---- running the schedule --------------------------------------------------------------------
     def loss_fn(self, hidden, target):
         """A piece's head and loss: its sums over the whole step's counts (pieces add up to the unsplit loss)."""
-        losses, stats = self.split.loss(hidden, target)
+        with self.autocast():
+            losses, stats = self.split.loss(hidden, target)
         self.tally.append(({k: v.detach() for k, v in losses.items()}, {k: v.detach() for k, v in stats.items()}))
         return sum(self.weights[k] * losses[k] / self.norm[k] for k in losses) * self.scale
 
@@ -257,13 +262,13 @@ class Pipeline(nn.Module):
         # every stage cuts the batch the same way: the first feeds the inputs, the last the target
         schedule = self.runner(args, train)
         self.tally = []
-        call = schedule.step if train else schedule.eval
+        call = functools.partial(schedule.step, return_outputs=False) if train else schedule.eval
         if self.stage.is_first:
-            call(*args, **({"return_outputs": False} if train else {}))
+            call(*args)
         elif self.stage.is_last:
-            call(target=target, **({"return_outputs": False} if train else {}))
+            call(target=target)
         else:
-            call(**({"return_outputs": False} if train else {}))
+            call()
         return self.share(self.pieces if train else 1)
 
     def share(self, pieces: int) -> tuple[dict, dict]:
@@ -275,10 +280,10 @@ class Pipeline(nn.Module):
         found = None
         if self.stage.is_last:
             found = ({}, {})
-            for part, total in zip(zip(*self.tally[-pieces:]), found):
-                for values in part:
+            for piece in self.tally[-pieces:]:
+                for total, values in zip(found, piece):
                     for k, v in values.items():
-                        total[k] = total[k] + v.cpu() if k in total else v.cpu()
+                        total[k] = total.get(k, 0) + v.cpu()
         box = [found]
         dist.broadcast_object_list(box, group=self.pp_group, group_src=self.layout.pp - 1, device=self.device)
         losses, stats = box[0]
