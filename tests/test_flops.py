@@ -181,8 +181,6 @@ def test_bert_base_flops_per_token_match_the_readme_sizing():
 
 
 def test_peak_table_meter_and_cpu_probe():
-    import time
-
     assert flops.gpu_peak("NVIDIA H100 80GB HBM3") == 989e12
     assert flops.gpu_peak("NVIDIA H100 PCIe") == 756e12
     assert flops.gpu_peak("NVIDIA H200") == 989e12
@@ -193,9 +191,10 @@ def test_peak_table_meter_and_cpu_probe():
     assert flops.device_peak(torch.device("cpu"), 5e9) == (5e9, "training.peak_flops")
 
     flops.measured_cpu_peak.cache_clear()
-    start = time.perf_counter()
+    rng = torch.get_rng_state()
     peak, source = flops.device_peak(torch.device("cpu"))
-    assert time.perf_counter() - start < 1.0 and source == "fp32 matmul probe"
+    assert source == "fp32 matmul probe"
+    assert torch.equal(torch.get_rng_state(), rng)  # dropout's RNG untouched (a resume measures after restoring it)
     assert 1e8 < peak < 1e14
     assert flops.device_peak(torch.device("cpu"))[0] == peak  # measured once per process
 

@@ -210,9 +210,6 @@ def test_two_process_streaming_run_resumes_exactly(tmp_path, corpus_dir, wordpie
     training = dict(max_steps=6, save_steps=3, save_total_limit=5, eval_steps=0, max_eval_batches=1)
     path = tmp_path / "r.yaml"
     recipe = _streaming_recipe(tmp_path / "ddp", corpus_dir, wordpiece_dir, **training)
-    # no dropout: a two-process resume with dropout differs from step 4 on without streaming too (the
-    # global RNG after a DDP resume, a harness matter); this test is about the data position
-    recipe["model"]["config_overrides"].update(hidden_dropout_prob=0.0)
     path.write_text(yaml.safe_dump(recipe))
     first = launch_two_processes("pretrain", str(path))
     assert first.returncode == 0, first.stderr[-3000:]

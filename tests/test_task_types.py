@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 from pathlib import Path
 
@@ -248,8 +249,34 @@ def _squad(path: Path, rng) -> Path:
     return path
 
 
-def test_question_answering_trains_on_squad_json_and_its_card_code_runs(tmp_path, bert_dir, capsys):
+PIPELINE_WITHOUT_TOOLKIT = """
+import importlib.abc, json, sys
+
+
+class NoToolkit(importlib.abc.MetaPathFinder):  # the pipeline must not need the toolkit
+    def find_spec(self, name, path=None, target=None):
+        if name == "toolkit" or name.startswith("toolkit."):
+            raise ImportError("toolkit is blocked in this process")
+
+
+sys.meta_path.insert(0, NoToolkit())
+from transformers import pipeline
+
+qa = pipeline("question-answering", model=sys.argv[1], trust_remote_code=True)
+rows = [json.loads(line) for line in open(sys.argv[2])]
+answers = [qa(question=r["question"], context=r["context"]) for r in rows]
+assert not [m for m in sys.modules if m == "toolkit" or m.startswith("toolkit.")]
+print(json.dumps(answers))
+"""
+
+
+def test_question_answering_trains_on_squad_json_and_answers_through_a_pipeline(tmp_path, bert_dir, capsys):
+    import subprocess
+    import sys
+
     from transformers import AutoModelForQuestionAnswering
+
+    from toolkit.finetuning.types.spans import DEFAULTS
 
     squad = _squad(tmp_path / "squad.json", random.Random(1))
     result = toolkit.finetune(
@@ -263,16 +290,56 @@ def test_question_answering_trains_on_squad_json_and_its_card_code_runs(tmp_path
     batch = {k: torch.tensor([v]) for k, v in result.tokenizer("where?", "lord anna lives in norway .").items()}
     with torch.no_grad():
         assert torch.allclose(model(**batch).start_logits, result.model.eval()(**batch).start_logits, atol=1e-5)
-    # transformers 5 has no question-answering pipeline: the model card's plain code runs instead
+    settings = json.loads((out / "config.json").read_text())["question_answering"]
+    assert settings == {**DEFAULTS, "max_seq_length": 32, "doc_stride": 8, "no_answer": True}
+    assert {k: getattr(TaskArgs(), k) for k in DEFAULTS if k != "no_answer"} == {  # the pipeline's own defaults
+        k: v for k, v in DEFAULTS.items() if k != "no_answer"
+    }
+
+    # toolkit predict and the plain transformers pipeline (in a process that cannot import the toolkit)
+    path, scores = toolkit.predict(out, str(squad), tmp_path / "answers.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 30 and 0 <= scores["f1"] <= 100
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", PIPELINE_WITHOUT_TOOLKIT, str(out), str(path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answers = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [a["answer"] for a in answers] == [r["prediction"] for r in rows]  # the same span, every question
+    assert any(a["answer"] for a in answers)
+    for a, r in zip(answers, rows):
+        assert r["context"][a["start"] : a["end"]] == a["answer"] and 0 <= a["score"] <= 1
+
+    # the model card's code runs as written
     card = (out / "README.md").read_text()
     code = card[card.index("```python") + 9 : card.rindex("```")].replace('"."', repr(str(out)))
     capsys.readouterr()
     exec(compile(code, "card", "exec"), {})
-    answer = capsys.readouterr().out.strip().splitlines()[-1]
-    assert answer and answer in "Anna lives in Oslo."  # a span of the context
-    path, scores = toolkit.predict(out, str(squad), tmp_path / "answers.jsonl")
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "'answer':" in printed and "'score':" in printed
+
+
+@pytest.mark.parametrize("mode", ["lora", "ptuning"])
+def test_a_question_answering_adapter_answers_through_its_card_code_as_predict_does(tmp_path, bert_dir, mode):
+    squad = _squad(tmp_path / "squad.json", random.Random(8))
+    r = _recipe(tmp_path / mode, bert_dir, train_file=str(squad), max_seq_length=32, doc_stride=8)
+    r["finetune"] = {"mode": mode, "num_virtual_tokens": 4}
+    r["training"]["num_train_epochs"] = 3
+    out = toolkit.finetune(r).output_dir
+    path, _ = toolkit.predict(out, str(squad), tmp_path / "answers.jsonl")
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    assert len(rows) == 30 and all("prediction" in r for r in rows) and 0 <= scores["f1"] <= 100
+    card = (out / "README.md").read_text()
+    code = card[card.index("```python") + 9 : card.rindex("```")].replace('"."', repr(str(out)))
+    names: dict = {}
+    exec(compile(code, "card", "exec"), names)  # the card's code, as written (it builds `qa`)
+    answers = [names["qa"](question=x["question"], context=x["context"])["answer"] for x in rows]
+    assert answers == [x["prediction"] for x in rows] and any(answers)
 
 
 # ---- generation -----------------------------------------------------------------------------------
@@ -418,6 +485,72 @@ def test_types_are_inferred_from_columns_and_the_dialogue_task_is_built_in():
     assert BUILTIN_TASKS["movie-dialog"].task_type == "generation"
 
 
+@pytest.mark.parametrize("kind", ["token_classification", "question_answering"])
+def test_frozen_mode_encodes_each_window_once_and_trains_the_head_as_the_encoder_run_every_step_would(
+    tmp_path, bert_dir, conll_file, kind, monkeypatch
+):
+    """The frozen mode's head trains on cached per-token vectors: the encoder sees each window of each
+    split once, and the result (dropout off) is that of running the fixed encoder at every step."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, BertModel
+
+    from toolkit.finetuning import pipeline as finetuning
+    from toolkit.finetuning.types import load_any
+
+    if kind == "token_classification":
+        task, head = {"train_file": str(conll_file)}, "classifier.weight"
+    else:
+        squad = _squad(tmp_path / "squad.json", random.Random(5))
+        task, head = {"train_file": str(squad), "max_seq_length": 32, "doc_stride": 8}, "qa_outputs.weight"
+    r = _recipe(tmp_path / "cached", bert_dir, **task)
+    r["finetune"] = {"mode": "frozen"}
+    r["training"].update(num_train_epochs=8, learning_rate=5e-2, eval_on_start=True)
+    data = load_any(TaskArgs(**r["task"]), AutoTokenizer.from_pretrained(bert_dir))[2]
+    windows = sum(len(split) for split in data.splits().values())
+
+    encoded: list[int] = []
+    forward = BertModel.forward
+
+    def counted(self, input_ids=None, *args, **kwargs):
+        encoded.append(input_ids.shape[0])
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(BertModel, "forward", counted)
+    cached = toolkit.finetune(r)
+    assert sum(encoded) == windows  # every window of train, validation and test once, then never again
+    assert cached.metrics["feature_seconds"] > 0 and cached.metrics["steps"] >= 6
+
+    # the same run with the frozen encoder run at every step instead of its cached vectors
+    encoded.clear()
+    monkeypatch.setattr(
+        finetuning, "_frozen_features", lambda recipe, data, *a: (data.train, data.validation, data.test, 0)
+    )
+    r["output_dir"] = str(tmp_path / "every-step")
+    every = toolkit.finetune(r)
+    assert sum(encoded) > 3 * len(data.train)
+    a, b = cached.metrics, every.metrics
+    assert a["eval_loss"] < a["initial_eval_loss"]  # the head learned
+    shared = [k for k in a if k.startswith(("eval_", "test_")) and isinstance(a[k], float) and k != "eval_runtime"]
+    assert {"eval_loss", "test_loss", "eval_f1", "test_f1"} <= set(shared)
+    for key in shared:
+        assert a[key] == pytest.approx(b[key], abs=1e-4), key
+    weights = [load_file(str(run.output_dir / "model.safetensors")) for run in (cached, every)]
+    assert torch.allclose(weights[0][head], weights[1][head], atol=1e-5)
+
+    # the saved folder (encoder + trained head, run whole by `predict`) predicts what the cached vectors did
+    saved = [json.loads(line) for line in (cached.output_dir / "test_predictions.jsonl").read_text().splitlines()]
+    if kind == "token_classification":
+        again = tmp_path / "test.jsonl"
+        again.write_text("".join(json.dumps({"tokens": x["tokens"], "tags": x["tags"]}) + "\n" for x in saved))
+        path, _ = toolkit.predict(cached.output_dir, str(again), tmp_path / "tags.jsonl")
+        predicted = [json.loads(line)["predictions"] for line in path.read_text().splitlines()]
+        assert predicted == [x["predictions"] for x in saved]
+    else:
+        path, _ = toolkit.predict(cached.output_dir, str(squad), tmp_path / "answers.jsonl")
+        predicted = {x["id"]: x["prediction"] for x in map(json.loads, path.read_text().splitlines())}
+        assert [predicted[x["id"]] for x in saved] == [x["prediction"] for x in saved]
+
+
 def test_compare_of_token_classification_modes_keeps_the_frozen_encoder_and_trains_a_lora_adapter(
     tmp_path, bert_dir, conll_file
 ):
@@ -506,3 +639,124 @@ def test_qlora_question_answering_keeps_the_span_head_in_full_precision_and_pred
     assert heads and heads[0].weight.dtype == torch.float32 and heads[0].weight.requires_grad
     path, scores = toolkit.predict(result.output_dir, str(squad), tmp_path / "answers.jsonl")
     assert len(path.read_text().splitlines()) == 30 and 0 <= scores["exact_match"] <= 100
+
+
+# ---- several processes ----------------------------------------------------------------------------
+# Two processes with batch 4 train like one with batch 8 (dropout off): the same losses, metrics, final
+# weights and test predictions (each window evaluated once: a window dropped or counted twice would change
+# the predictions of its sentence or question). The new types share one launch per configuration.
+
+TYPE_KINDS = ("token_classification", "question_answering", "generation")
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(tmp_path_factory, bert_dir, gpt_dir, conll_file):
+    """(folder, recipe per type, output folder of its one-process run with a global batch of 8)."""
+    root = tmp_path_factory.mktemp("types-launch")
+    squad = _squad(root / "squad.json", random.Random(6))
+    rng = random.Random(7)
+    pairs = root / "pairs.csv"
+    with pairs.open("w", newline="") as fh:
+        rows = [(f"where is {rng.choice(NAMES)}?", f"in {rng.choice(PLACES)}") for _ in range(40)]
+        csv.writer(fh).writerows([("prompt", "response"), *rows])
+    recipes = {
+        "token_classification": _recipe("unused", bert_dir, train_file=str(conll_file)),
+        "question_answering": _recipe("unused", bert_dir, train_file=str(squad), max_seq_length=32, doc_stride=8),
+        "generation": _recipe(
+            "unused", gpt_dir, train_file=str(pairs), max_seq_length=32, packing=True, max_new_tokens=3
+        ),
+    }
+    for r in recipes.values():
+        r["training"].update(num_train_epochs=3, per_device_eval_batch_size=5)
+    recipes["generation"]["training"]["num_train_epochs"] = 5  # one step per epoch (8 packed rows)
+    for kind, r in recipes.items():
+        toolkit.finetune(r, output_dir=str(root / "one" / kind))
+    return root, recipes
+
+
+def _launch(root, recipes: dict, name: str, launch_args: list[str], port: int, cpu: bool = True):
+    """`accelerate launch LAUNCH_ARGS tests/finetune_each.py` on every recipe with batch 4 per process."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import REPO
+
+    paths = []
+    for kind, r in recipes.items():
+        r = json.loads(json.dumps(r))
+        r["output_dir"] = str(root / name / kind)
+        r["training"]["per_device_train_batch_size"] = 4
+        paths.append(root / f"{name}-{kind}.yaml")
+        paths[-1].write_text(yaml.safe_dump(r))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("ACCELERATE_USE_CPU", None)
+    if cpu:
+        env["ACCELERATE_USE_CPU"] = "1"
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    cmd = [accelerate, "launch", *launch_args, "--num_processes", "2", "--num_machines", "1"]
+    cmd += ["--main_process_port", str(port), "tests/finetune_each.py", *map(str, paths)]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _assert_same_run(one, other, engine: str) -> None:
+    from safetensors.torch import load_file
+
+    from toolkit.engine.checkpoint import complete_checkpoints, read_state
+    from toolkit.engine.tracking import read_metrics
+
+    state = read_state(complete_checkpoints(other)[-1][1])
+    assert state["world_size"] == 2 and state["engine"] == engine
+    a, b = (json.loads((d / "results.json").read_text()) for d in (one, other))
+    assert a["world_size"] == 1 and b["world_size"] == 2
+    losses = [[m["loss"] for m in read_metrics(d) if "loss" in m] for d in (one, other)]
+    assert len(losses[0]) >= 5 and losses[1] == pytest.approx(losses[0], abs=1e-5)
+    shared = [k for k in a if k.startswith(("eval_", "test_")) and isinstance(a[k], float) and k != "eval_runtime"]
+    assert "eval_loss" in shared and "test_loss" in shared
+    for key in shared:
+        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-4), key
+    # each test window predicted once, in order (a window dropped or evaluated twice changes its row)
+    assert (other / "test_predictions.jsonl").read_text() == (one / "test_predictions.jsonl").read_text()
+    weights = [load_file(str(d / "model.safetensors")) for d in (one, other)]
+    assert weights[0].keys() == weights[1].keys()
+    if json.loads((one / "toolkit_task.json").read_text())["task_type"] != "question_answering":
+        for key, value in weights[0].items():
+            assert torch.allclose(weights[1][key], value, atol=1e-5), key
+        return
+    # The span head's bias (and the last LayerNorm's bias, through the head) moves every position's score
+    # alike, so its gradient is zero in exact arithmetic and Adam turns rounding noise there into steps of
+    # up to the learning rate. What the model computes from its scores is their softmax: compare that.
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(one)
+    batch = tokenizer(["where does the lord live?"], ["the king spoke to lord anna in norway ."], return_tensors="pt")
+    spans = []
+    for d in (one, other):
+        with torch.no_grad():
+            out = AutoModelForQuestionAnswering.from_pretrained(d).eval()(**batch)
+        spans.append(torch.cat([out.start_logits.softmax(-1), out.end_logits.softmax(-1)]))
+    assert torch.allclose(spans[0], spans[1], atol=1e-5)
+    for key, value in weights[0].items():
+        if not key.endswith("bias"):
+            assert torch.allclose(weights[1][key], value, atol=1e-5), key
+
+
+@pytest.mark.multiproc
+def test_two_processes_train_every_new_type_like_one_process_with_the_same_global_batch(one_process_runs):
+    root, recipes = one_process_runs
+    run = _launch(root, recipes, "ddp", ["--multi_gpu"], port=29561)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for kind in TYPE_KINDS:
+        _assert_same_run(root / "one" / kind, root / "ddp" / kind, "ddp")
+
+
+@pytest.mark.slow  # DeepSpeed's start-up (and its shared-memory collective's first compile)
+@pytest.mark.multiproc
+def test_deepspeed_zero2_trains_every_new_type_like_one_process(one_process_runs):
+    root, recipes = one_process_runs
+    config = ["--config_file", "recipes/accelerate/deepspeed-zero2.yaml"]
+    run = _launch(root, recipes, "zero2", config, port=29562, cpu=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for kind in TYPE_KINDS:
+        _assert_same_run(root / "one" / kind, root / "zero2" / kind, "deepspeed-zero2")

@@ -56,12 +56,13 @@ def compress(recipe=None, overrides=None, **kwargs):
     return _compress(recipe, overrides, **kwargs)
 
 
-def benchmark(model, suite=None, seeds=None, modes=None, output_dir=None, overrides=None):
+def benchmark(model, suite=None, seeds=None, modes=None, output_dir=None, overrides=None, against_random_init=False):
     """Fine-tune a checkpoint on every task of a suite (default: recipes/suite-default.yaml) with several
-    seeds; returns the table (`.table`, `.rows`, `.summary()`); see `toolkit.benchmarking.benchmark`."""
+    seeds, optionally beside its random-init twin; returns the table (`.table`, `.rows`, `.versus`,
+    `.summary()`); see `toolkit.benchmarking.benchmark`."""
     from toolkit.benchmarking import benchmark as _benchmark
 
-    return _benchmark(model, suite, seeds, modes, output_dir, overrides)
+    return _benchmark(model, suite, seeds, modes, output_dir, overrides, against_random_init)
 
 
 def study(recipe=None, overrides=None, **kwargs):

@@ -214,12 +214,17 @@ class BenchmarkResult:
     csv: Path | None = None
     plot: Path | None = None
     text: str = ""
+    floor: BenchmarkResult | None = None  # the same architecture from random init (against_random_init)
+    versus: list[dict] | None = None  # per task x mode: pretrained, random init, difference
+    verdict: str = ""
 
     def suite_mean(self, mode: str = "full") -> float:
         return next(r["mean"] for r in self.table if r["task"] == SUITE_MEAN and r["mode"] == mode)
 
     def summary(self) -> str:
         where = f"benchmark written to {self.markdown}, {self.csv}" + (f" and {self.plot}" if self.plot else "")
+        if self.versus is not None:
+            return f"\n{versus_table(self.versus)}\n\n{self.verdict}\n\n{where}"
         return f"\n{self.text}\n\n{where}"
 
 
@@ -270,6 +275,50 @@ def markdown_table(table: list[dict]) -> str:
         cells = [f"{cell[(task, m)]['mean']:.3f} ± {cell[(task, m)]['std']:.3f}" for m in modes]
         name = f"**{task}**" if task == SUITE_MEAN else task
         lines.append(f"| {name} | {first['metric']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def against_floor(result: BenchmarkResult, floor: BenchmarkResult) -> tuple[list[dict], str]:
+    """Each task's (and the suite mean's) score of the model beside its random-init twin's, and a
+    sentence: on how many tasks pretraining helped."""
+    theirs = {(r["task"], r["mode"]): r for r in floor.table}
+    rows = [
+        dict(
+            task=r["task"],
+            mode=r["mode"],
+            metric=r["metric"],
+            pretrained=r["mean"],
+            random_init=theirs[(r["task"], r["mode"])]["mean"],
+            difference=r["mean"] - theirs[(r["task"], r["mode"])]["mean"],
+        )
+        for r in result.table
+    ]
+    lines = []
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        tasks = [r for r in rows if r["mode"] == mode and r["task"] != SUITE_MEAN]
+        won = [r["task"] for r in tasks if r["difference"] > 0]
+        lost = [r["task"] for r in tasks if r["difference"] <= 0]
+        suite = next(r for r in rows if r["mode"] == mode and r["task"] == SUITE_MEAN)
+        lines.append(
+            f"{mode}: the checkpoint beats the same architecture from random initialisation on {len(won)} of "
+            f"{len(tasks)} tasks (suite mean {100 * suite['difference']:+.1f} points)"
+            + (f"; not on {', '.join(lost)}" if lost else "")
+            + "."
+        )
+    return rows, "\n".join(lines)
+
+
+def versus_table(rows: list[dict]) -> str:
+    lines = [
+        "| task | mode | metric | pretrained | random init | difference |",
+        "| --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        name = f"**{r['task']}**" if r["task"] == SUITE_MEAN else r["task"]
+        lines.append(
+            f"| {name} | {r['mode']} | {r['metric']} | {r['pretrained']:.3f} | {r['random_init']:.3f} | "
+            f"{r['difference']:+.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -328,11 +377,16 @@ def benchmark(
     modes: list | None = None,
     output_dir: str | Path | None = None,
     overrides: list | dict | None = None,
+    against_random_init: bool = False,
 ) -> BenchmarkResult:
     """Fine-tune `model` (a checkpoint folder) on every task of `suite` (a YAML path, dict or Suite;
     default: recipes/suite-default.yaml) with `seeds` seeds in each of `modes`, and write benchmark.md,
     .csv and .png into `output_dir` (default: outputs/benchmark/<model folder name>). `overrides` are
-    fine-tuning recipe keys applied to every run, on top of the suite's `recipe`."""
+    fine-tuning recipe keys applied to every run, on top of the suite's `recipe`.
+
+    `against_random_init`: also benchmark the same architecture, config and tokenizer with fresh
+    weights (`output_dir/random-init/`, same suite, seeds and settings) and write both side by side
+    (`vs-random-init.md`): whether pretraining paid off, task by task."""
     import os
 
     from toolkit.config import combine_overrides
@@ -377,4 +431,18 @@ def benchmark(
             "unless the suite names a metric).\n\n"
         )
         write_outputs(result, out, header)
+    if against_random_init:
+        from toolkit.models import random_twin
+        from toolkit.paths import resolve_path
+
+        floor_dir = out / "random-init"
+        twin = random_twin(resolve_path(str(model)), floor_dir / "model", seed=0)
+        result.floor = benchmark(twin, s, output_dir=floor_dir, overrides=overrides)
+        result.versus, result.verdict = against_floor(result, result.floor)
+        if main:
+            (out / "vs-random-init.md").write_text(
+                f"# `{model}` against the same architecture from random initialisation\n\n"
+                f"Same suite, seeds and settings; test scores, mean over {s.seeds} seed(s).\n\n"
+                f"{versus_table(result.versus)}\n\n{result.verdict}\n"
+            )
     return result

@@ -120,7 +120,9 @@ def _run_recipe(verb: RecipeVerb, args) -> None:
 def _benchmark(args) -> None:
     from toolkit.benchmarking import benchmark
 
-    result = benchmark(args.model, args.suite, args.seeds, args.modes, args.output_dir, args.overrides)
+    result = benchmark(
+        args.model, args.suite, args.seeds, args.modes, args.output_dir, args.overrides, args.against_random_init
+    )
     if os.environ.get("RANK", "0") == "0":
         print(result.summary())
 
@@ -128,7 +130,31 @@ def _benchmark(args) -> None:
 def _predict(args) -> None:
     from toolkit.finetuning.predict import predict
 
-    out, scores = predict(args.model, args.file, args.output, args.batch_size, args.text_fields, args.file_format)
+    verbalizer = None
+    if args.verbalizer is not None:
+        import yaml
+
+        from toolkit.errors import ToolkitError
+
+        try:
+            verbalizer = yaml.safe_load(args.verbalizer)
+        except yaml.YAMLError as e:
+            raise ToolkitError(
+                f"--verbalizer is not a YAML mapping ({str(e).splitlines()[0]}): write e.g. "
+                "'{negative: terrible, positive: great}'"
+            ) from None
+    out, scores = predict(
+        args.model,
+        args.file,
+        args.output,
+        args.batch_size,
+        args.text_fields,
+        args.file_format,
+        template=args.template,
+        verbalizer=verbalizer,
+        max_seq_length=args.max_seq_length,
+        label_field=args.label_field,
+    )
     print(f"predictions written to {out}")
     if scores:
         print(json.dumps(scores, indent=2))
@@ -192,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, help="seeds per task (default: the suite's, 3)")
     p.add_argument("--modes", nargs="+", help="fine-tuning modes, e.g. frozen full (default: the suite's, full)")
     p.add_argument("--output-dir", help="default: outputs/benchmark/<model folder name>")
+    p.add_argument(
+        "--against-random-init",
+        action="store_true",
+        help="also benchmark the same architecture with fresh weights and write vs-random-init.md, task by task",
+    )
     p.set_defaults(func=_benchmark)
 
     p = sub.add_parser(
@@ -206,6 +237,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--text-fields", nargs="+", help="text column(s) (default: the ones the model was trained on)")
     p.add_argument("--file-format", choices=["csv", "tsv", "json", "parquet"], help="when the suffix does not tell")
+    p.add_argument(
+        "--template",
+        action="append",
+        help="zero-shot prompt, e.g. '{text} It was {mask}.' (repeat to average several): MODEL may then be any "
+        "masked or causal LM folder; needs --verbalizer",
+    )
+    p.add_argument(
+        "--verbalizer", help="YAML mapping of each label to its word(s), e.g. '{negative: terrible, positive: great}'"
+    )
+    p.add_argument(
+        "--max-seq-length", type=int, help="with --template: tokens per prompt (default: the model's, at most 512)"
+    )
+    p.add_argument("--label-field", help="column holding gold labels, for metrics (default: the recipe's, or 'label')")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("tokenizer", help="train a tokenizer on text files")

@@ -22,12 +22,15 @@ def quiet_datasets():
 @contextlib.contextmanager
 def quiet_transformers():
     """The loader's report of freshly initialised head weights is expected where a head is added; the
-    toolkit prints its own line about new weights."""
+    toolkit prints its own line about new weights; no "Loading weights" progress bar either."""
     from transformers.utils import logging
 
-    level = logging.get_verbosity()
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
+    logging.disable_progress_bar()
     try:
         yield
     finally:
         logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()

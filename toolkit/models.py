@@ -143,3 +143,25 @@ def is_causal_lm(config) -> bool:
         return any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names)
     kind = getattr(config, "model_type", None)
     return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def random_twin(model_dir: str, out: Path, seed: int) -> Path:
+    """A checkpoint's architecture, config and tokenizer with freshly initialised weights (the floor a
+    pretrained model must beat), saved to `out`."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from toolkit.tokenizer import load_model_tokenizer
+
+    check_model_dir(model_dir)
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+    shutil.rmtree(out, ignore_errors=True)
+    model.save_pretrained(out)
+    load_model_tokenizer(model_dir).save_pretrained(out)
+    return out

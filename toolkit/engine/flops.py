@@ -216,8 +216,10 @@ def gpu_peak(name: str) -> float | None:
 def measured_cpu_peak(size: int = 1024, budget_s: float = 0.25) -> float:
     """FLOP/s of an fp32 (size x size) matrix multiply on this CPU with torch's threads: the best
     of up to 3 timed runs (fewer once `budget_s` is spent) after a small warm-up; measured once per
-    process, in about 0.3 s on this 2-core CPU."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    process, in about 0.3 s on this 2-core CPU. Its own generator: the global RNG drives dropout, and a
+    resumed run measures this after restoring it."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(size, size, generator=g), torch.randn(size, size, generator=g)
     a[:256, :256] @ b[:256, :256]  # thread pool and allocator warm
     best, spent = math.inf, 0.0
     for _ in range(3):

@@ -137,8 +137,27 @@ def run(
         publish(out, write_final)
         draw_report(out)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_training(accelerator)
     return Outcome(output_dir=out, metrics=metrics, model=objective.model, objective=objective, is_main=main)
+
+
+def end_training(accelerator) -> None:
+    """Finish the run's trackers. The process group stays up until the process exits: under `accelerate
+    launch` a process may run several jobs (a comparison of modes, a study), and `Accelerator.end_training`
+    would destroy the group under the next one."""
+    import atexit
+
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    atexit.unregister(destroy_process_group)  # registered once, however many runs
+    atexit.register(destroy_process_group)
+
+
+def destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def draw_report(out: Path) -> Path | None:

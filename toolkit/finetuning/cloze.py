@@ -358,23 +358,19 @@ class ClozeModel:
     new_weights: list
 
 
-def build(recipe, model_dir: str, tokenizer, causal: bool = False):
-    """The checkpoint as a masked LM with its pretrained head (refused without one), or as a causal LM
-    (causal.py scores its label words), whole or with LoRA."""
+def load_lm(model_dir: str, config, causal: bool):
+    """The checkpoint as a masked LM (or a causal LM) with its pretrained head; refused without one."""
     import transformers
 
-    from toolkit.finetuning.modes import count_parameters
     from toolkit.hf import quiet_transformers
-    from toolkit.models import load_config
 
-    config = load_config(model_dir, recipe.model.config_overrides)
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModelForMaskedLM
     try:
         with quiet_transformers():
             model, info = auto.from_pretrained(model_dir, config=config, output_loading_info=True)
     except (ValueError, KeyError, OSError) as e:
         raise ToolkitError(
-            f"finetune.mode=cloze needs a masked LM or a causal LM, and '{model_dir}' does not load as one "
+            f"a cloze prompt needs a masked LM or a causal LM, and '{model_dir}' does not load as one "
             f"({auto.__name__}): {str(e).splitlines()[0][:200]}"
         ) from None
     prefix = f"{model.base_model_prefix}."
@@ -386,6 +382,16 @@ def build(recipe, model_dir: str, tokenizer, causal: bool = False):
             "masked-LM or causal-LM checkpoint (e.g. the output_dir of toolkit pretrain with objective mlm or clm), "
             "or another finetune.mode"
         )
+    return model
+
+
+def build(recipe, model_dir: str, tokenizer, causal: bool = False):
+    """The checkpoint as a masked LM with its pretrained head (refused without one), or as a causal LM
+    (causal.py scores its label words), whole or with LoRA."""
+    from toolkit.finetuning.modes import count_parameters
+    from toolkit.models import load_config
+
+    model = load_lm(model_dir, load_config(model_dir, recipe.model.config_overrides), causal)
     if recipe.prompt.tune == "lora":
         import peft
 
@@ -414,9 +420,17 @@ def build(recipe, model_dir: str, tokenizer, causal: bool = False):
 def write_prompt(
     folder: Path, prompt, labels: list[str], ids, text_fields: list[str], max_len: int, causal: dict | None = None
 ):
-    """prompt.json; for a causal LM (`causal`: causal.encode_task's answer) the ids of every piece of each
-    label word, the length normalisation and the demonstrations (texts and label ids) instead of
-    verbalizer_ids."""
+    """prompt.json (see prompt_content)."""
+    content = prompt_content(prompt, labels, ids, text_fields, max_len, causal)
+    (folder / PROMPT_FILE).write_text(json.dumps(content, indent=2) + "\n")
+
+
+def prompt_content(
+    prompt, labels: list[str], ids, text_fields: list[str], max_len: int, causal: dict | None = None
+) -> dict:
+    """What prompt.json keeps; for a causal LM (`causal`: causal.encode_task's answer) the ids of every
+    piece of each label word, the length normalisation and the demonstrations (texts and label ids)
+    instead of verbalizer_ids."""
     content = {
         "templates": templates_of(prompt),
         "verbalizer": {str(k): v for k, v in prompt.verbalizer.items()},
@@ -433,7 +447,7 @@ def write_prompt(
             length_normalize=prompt.length_normalize,
             demonstrations=[{"texts": texts, "label": label} for texts, label in causal["demonstrations"]],
         )
-    (folder / PROMPT_FILE).write_text(json.dumps(content, indent=2) + "\n")
+    return content
 
 
 def read_prompt(folder: Path) -> dict | None:

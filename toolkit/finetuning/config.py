@@ -420,9 +420,12 @@ class FinetuneRecipe:
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds) or len(set(seeds)) != len(seeds):
             raise ToolkitError(f"compare.seeds must be distinct whole numbers, e.g. [1, 2, 3], got {seeds}")
         for mode, extra in self.compare.mode_overrides.items():
-            if mode not in self.compare.modes:
+            # a known mode left out of compare.modes keeps its entry unused (`compare.modes=[full]` on a
+            # recipe that tunes frozen too); an unknown name is a typo
+            if mode not in self.compare.modes and mode not in (*MODES, *self.compare.variants):
                 raise ToolkitError(
-                    f"compare.mode_overrides has an entry for '{mode}', which is not in compare.modes {self.compare.modes}"
+                    f"compare.mode_overrides has an entry for '{mode}', which is neither a mode nor a variant: "
+                    f"the modes are {', '.join(MODES)}; the comparison runs {self.compare.modes}"
                 )
             if not isinstance(extra, dict):
                 raise ToolkitError(f"compare.mode_overrides.{mode} must be a mapping of recipe keys to values")

@@ -5,6 +5,11 @@ wastes nearly all of a feature-extraction run. Each split is encoded once, longe
 length-sorted batches (little padding), and saved under the cache folder keyed by everything the
 vectors depend on (checkpoint files, config overrides, pooling, token ids, precision): a second run,
 another head learning rate or more epochs, starts from the cache.
+
+Sequence classification keeps one pooled vector per example (`FeatureSet`). Token classification
+and question answering keep every real token's vector of every window (`pooling=TOKENS`,
+`TokenFeatures`, window after window: tokens x hidden x 4 bytes); their objectives read the windows'
+labels as before and the cached vectors in place of the encoder (`CachedTokens`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import numpy as np
 import torch
 
 from toolkit.finetuning.heads import pool
+
+TOKENS = "tokens"  # the "pooling" of per-token features: every real token's vector, none pooled
 
 
 @dataclass
@@ -68,9 +75,64 @@ def cache_key(model_dir: str, config_overrides: dict, pooling: str, hf_dataset, 
     )
 
 
+@dataclass
+class TokenFeatures:
+    """Per-token encoder outputs of one split's windows (the vectors of each window's real tokens, one
+    window after another), beside the tokenized windows they belong to (labels, offsets, sentences)."""
+
+    windows: object  # the tokenized split (a datasets table)
+    features: torch.Tensor  # (tokens, hidden)
+    num_tokens: torch.Tensor  # real tokens of each window
+
+    def __post_init__(self):
+        self.starts = torch.cumsum(self.num_tokens, 0) - self.num_tokens
+
+    def __len__(self) -> int:
+        return len(self.num_tokens)
+
+    def padded(self, windows: torch.Tensor, width: int) -> torch.Tensor:
+        """(windows, width, hidden): each window's vectors, zeros after its last token."""
+        out = self.features.new_zeros(len(windows), width, self.features.shape[1])
+        for r, w in enumerate(windows.tolist()):
+            n = int(self.num_tokens[w])
+            out[r, :n] = self.features[self.starts[w] : self.starts[w] + n]
+        return out
+
+
+class CachedTokens(torch.utils.data.Dataset):
+    """The batches of an objective's own window dataset (labels, masks, `idx`) with the windows' cached
+    vectors added as `features`, padded like the batch."""
+
+    def __init__(self, windows, cached: TokenFeatures):
+        self.windows, self.cached = windows, cached
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def lengths(self):
+        return self.windows.lengths()
+
+    def __getitem__(self, i: int):
+        return self.__getitems__([i])
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        batch = self.windows.__getitems__(indices)
+        batch["features"] = self.cached.padded(batch["idx"], batch["input_ids"].shape[1])
+        return batch
+
+
+def token_dataset(data, make):
+    """`make(table)`: an objective's dataset of a split's windows; with the cached vectors when `data` is
+    the split's TokenFeatures (the frozen mode)."""
+    if isinstance(data, TokenFeatures):
+        return CachedTokens(make(data.windows), data)
+    return make(data)
+
+
 @torch.no_grad()
 def encode(model, hf_dataset, pooling: str, batch_size: int, device, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pooled vectors, token counts) of every example, in dataset order."""
+    """(vectors, token counts) of every example, in dataset order: one pooled vector per example, or with
+    pooling=TOKENS the vectors of every real token, example after example."""
     base = model.base_model
     was_training = model.training
     model.eval()
@@ -78,7 +140,9 @@ def encode(model, hf_dataset, pooling: str, batch_size: int, device, autocast) -
     rows = hf_dataset.select_columns(columns)[:]
     lengths = np.array([len(x) for x in rows["input_ids"]])
     order = np.argsort(-lengths, kind="stable")
-    out = torch.empty(len(lengths), model.config.hidden_size)
+    per_token = pooling == TOKENS
+    starts = np.cumsum(lengths) - lengths
+    out = torch.empty(int(lengths.sum()) if per_token else len(lengths), model.config.hidden_size)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
@@ -91,6 +155,10 @@ def encode(model, hf_dataset, pooling: str, batch_size: int, device, autocast) -
             batch[c] = t.to(device)
         with autocast():
             hidden = base(**batch).last_hidden_state
+        if per_token:
+            for r, i in enumerate(chunk):
+                out[starts[i] : starts[i] + lengths[i]] = hidden[r, : lengths[i]].float().cpu()
+            continue
         pooled = pool(model, hidden, batch["input_ids"], batch["attention_mask"], pooling)
         out[torch.from_numpy(chunk)] = pooled.float().cpu()
     model.train(was_training)
@@ -98,7 +166,8 @@ def encode(model, hf_dataset, pooling: str, batch_size: int, device, autocast) -
 
 
 def features_for(model, hf_dataset, key: str, cache_dir: Path, pooling: str, batch_size: int, device, autocast):
-    """The FeatureSet of a split, from the cache or encoded now (and cached). Returns (set, seconds, hit)."""
+    """The FeatureSet (TokenFeatures with pooling=TOKENS) of a split, from the cache or encoded now (and
+    cached). Returns (set, seconds, hit)."""
     from safetensors.torch import load_file, save_file
 
     path = cache_dir / f"{key}.safetensors"
@@ -113,6 +182,8 @@ def features_for(model, hf_dataset, key: str, cache_dir: Path, pooling: str, bat
         save_file({"features": vectors.contiguous(), "num_tokens": counts.contiguous()}, str(tmp))
         tmp.replace(path)
         hit = False
+    if pooling == TOKENS:
+        return TokenFeatures(hf_dataset, vectors, counts), time.perf_counter() - start, hit
     regression = hf_dataset.features["labels"].dtype.startswith("float")
     labels = torch.tensor(hf_dataset["labels"][:], dtype=torch.float32 if regression else torch.long)
     return FeatureSet(vectors, labels, counts), time.perf_counter() - start, hit

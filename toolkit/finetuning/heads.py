@@ -79,6 +79,26 @@ def head_logits(model, pooled: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"no known classification head for {name}: supported are {', '.join(NATIVE_CLASSES)}")
 
 
+# Per-token heads (token classification, extractive QA) whose forward after the encoder is known here:
+# `classifier(dropout(hidden))` for tagging, `qa_outputs(hidden)` for spans (DistilBERT: after dropout).
+TOKEN_CLASSES = tuple(
+    f"{arch}For{head}"
+    for head in ("TokenClassification", "QuestionAnswering")
+    for arch in ("Bert", "DistilBert", "Electra", "Roberta", "XLMRoberta", "GPT2")
+)
+
+
+def token_head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The native per-token head of `model` applied to the encoder's last hidden states: tag logits
+    (batch, tokens, labels), or span logits (batch, tokens, 2) whose last axis is (start, end)."""
+    name = type(model).__name__
+    if name not in TOKEN_CLASSES:
+        raise ValueError(f"no known per-token head for {name}: supported are {', '.join(TOKEN_CLASSES)}")
+    if name.endswith("TokenClassification"):
+        return model.classifier(model.dropout(hidden))
+    return model.qa_outputs(model.dropout(hidden) if name.startswith("DistilBert") else hidden)
+
+
 def classification_loss(config, logits: torch.Tensor, labels: torch.Tensor | None):
     if labels is None:
         return None

@@ -1,7 +1,7 @@
 """The fine-tuning modes: which parameters of `AutoModelForSequenceClassification` train, and how.
 
     frozen   encoder fixed; the head (BERT's pooler + classifier, ELECTRA's classification head,
-             GPT-2's score) trains on cached features
+             GPT-2's score; the tagging or span head of the other types) trains on cached features
     full     every parameter
     prompt   PEFT prompt tuning: virtual token embeddings (random or text initialisation)
     prefix   PEFT prefix tuning: per-layer key/value prefixes (transformers 5 fix in prefix.py)
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from toolkit.errors import ToolkitError
-from toolkit.finetuning.heads import NATIVE_CLASSES, head_modules, is_decoder, mean_pooled
+from toolkit.finetuning.heads import NATIVE_CLASSES, TOKEN_CLASSES, head_modules, is_decoder, mean_pooled
 from toolkit.hf import quiet_transformers
 
 # Modules the 4-bit base keeps in full precision: the head, which trains. transformers matches these
@@ -87,7 +87,12 @@ def build(
             f"the frozen mode and mean pooling know the heads of {', '.join(NATIVE_CLASSES)}, not "
             f"{type(model).__name__}: use finetune.mode=full with finetune.pooling=cls, or a PEFT mode"
         )
-    if f.mode == "frozen":  # the other types run the fixed encoder at every step (no feature cache)
+    if f.mode == "frozen" and not classifier and type(model).__name__ not in TOKEN_CLASSES:
+        raise ToolkitError(
+            f"the frozen mode trains a per-token head on cached features and knows the heads of "
+            f"{', '.join(TOKEN_CLASSES)}, not {type(model).__name__}: use finetune.mode=full or a PEFT mode"
+        )
+    if f.mode == "frozen":  # only the head trains (on cached features: features.py)
         head = tuple(f"{name}." for name in head_modules(model))
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith(head)

@@ -222,6 +222,13 @@ def _type_setup(recipe, kind, data, tokenizer, model_dir: str, accelerator, star
             + (f"; new: {_summarise(built.new_weights)}" if built.new_weights else "")
         )
     objective = kind.objective(built.model, recipe, data, tokenizer)
+    train_data, eval_data, test_data, feature_seconds = data.train, data.validation, data.test, 0.0
+    if f.mode == "frozen":  # the encoder runs once per window; the head trains on its cached token vectors
+        from toolkit.finetuning.features import TOKENS
+
+        train_data, eval_data, test_data, feature_seconds = _frozen_features(
+            recipe, data, built, model_dir, accelerator, TOKENS
+        )
     test_examples: dict = {}
 
     def after_train(model, accelerator, job) -> dict:  # the test split, every prediction kept
@@ -230,7 +237,7 @@ def _type_setup(recipe, kind, data, tokenizer, model_dir: str, accelerator, star
             return {}
         if hasattr(objective, "reference"):  # what the test split's metrics score against
             objective.reference = (data.test, data.raw["test"])
-        scores = evaluate_split(model, objective, job, accelerator, data.test, test_examples)
+        scores = evaluate_split(model, objective, job, accelerator, test_data, test_examples)
         if accelerator.is_main_process:
             scores.update(kind.test_metrics(objective.model, objective, data, recipe, tokenizer, test_examples))
         return {f"test_{k}": v for k, v in scores.items()}
@@ -239,14 +246,15 @@ def _type_setup(recipe, kind, data, tokenizer, model_dir: str, accelerator, star
         add_run_facts(metrics, folder, started)
         facts = {k: v for k, v in data.extra.items() if isinstance(v, (bool, int, float, str))}
         (folder / TASK_FILE).write_text(json.dumps({"task_type": kind.name, **facts}, indent=2) + "\n")
+        kind.write_files(folder, recipe, data)
         if data.test is not None and (test_examples or kind.name == "generation"):
             kind.write_predictions(folder, data, test_examples, objective)
 
     return Setup(
         objective=objective,
         tokenizer=tokenizer,
-        train_data=data.train,
-        eval_data=data.validation,
+        train_data=train_data,
+        eval_data=eval_data,
         after_train=after_train,
         save_model=lambda folder, objective, state: save_model(objective.model, folder, recipe, model_dir, state),
         write_outputs=write_outputs,
@@ -257,7 +265,7 @@ def _type_setup(recipe, kind, data, tokenizer, model_dir: str, accelerator, star
             "trainable_params": built.trainable,
             "total_params": built.total,
             "trainable_share": built.trainable / max(built.total, 1),
-            "feature_seconds": 0.0,
+            "feature_seconds": feature_seconds,
         },
     )
 
@@ -319,12 +327,14 @@ def _objective_and_data(recipe, data, built, tokenizer, model_dir, accelerator, 
     return objective, data.train, data.validation, data.test, 0.0
 
 
-def _frozen_features(recipe, data, built, model_dir, accelerator):
-    """Encode every split once with the frozen encoder (main process first; the others read the cache)."""
+def _frozen_features(recipe, data, built, model_dir, accelerator, pooling: str | None = None):
+    """Encode every split once with the frozen encoder (main process first; the others read the cache):
+    one vector per example by finetune.pooling, or every token's with pooling=features.TOKENS."""
     from toolkit.data.blocks import cache_root
     from toolkit.finetuning import features
 
     t, f = recipe.training, recipe.finetune
+    pooling = pooling or f.pooling
     cache = cache_root(None) / "features"
     built.model.to(accelerator.device)
     sets, seconds = [], 0.0
@@ -333,22 +343,25 @@ def _frozen_features(recipe, data, built, model_dir, accelerator):
             if ds is None:
                 sets.append(None)
                 continue
-            key = features.cache_key(model_dir, recipe.model.config_overrides, f.pooling, ds, t.mixed_precision)
+            key = features.cache_key(model_dir, recipe.model.config_overrides, pooling, ds, t.mixed_precision)
             fs, took, hit = features.features_for(
                 built.model,
                 ds,
                 key,
                 cache,
-                f.pooling,
+                pooling,
                 t.per_device_eval_batch_size,
                 accelerator.device,
                 accelerator.autocast,
             )
             seconds += took
             if accelerator.is_main_process:
+                size = f"{len(fs)} x {fs.features.shape[1]}"
+                if pooling == features.TOKENS:
+                    size = f"{len(fs)} windows, {fs.features.shape[0]} tokens x {fs.features.shape[1]}"
                 print(
-                    f"features ({f.pooling} pooling) of {split}: {len(fs)} x {fs.features.shape[1]}, "
-                    + ("from the cache" if hit else f"encoded in {took:.1f} s")
+                    f"features ({'per token' if pooling == features.TOKENS else f'{pooling} pooling'}) of {split}: "
+                    f"{size}, " + ("from the cache" if hit else f"encoded in {took:.1f} s")
                 )
             sets.append(fs)
     return (*sets, seconds)

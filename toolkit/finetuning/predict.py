@@ -84,6 +84,50 @@ def _load_masked_lm(path: Path):
     return PeftModel.from_pretrained(auto.from_pretrained(base), str(path)).eval()
 
 
+def prompt_model(model_dir: str | Path, templates: list[str], verbalizer, text_fields: list[str], max_len=None):
+    """(model, tokenizer, prompt.json content) for a prompt given on the command line: any masked LM
+    (scored at the mask) or causal LM (label words scored after the prompt) folder, nothing trained."""
+    from types import SimpleNamespace
+
+    from toolkit.finetuning import causal as causal_lm
+    from toolkit.finetuning import cloze
+    from toolkit.models import is_causal_lm, load_config, max_positions
+    from toolkit.paths import resolve_path
+    from toolkit.tokenizer import load_model_tokenizer
+
+    if not isinstance(verbalizer, dict) or not verbalizer:
+        raise ToolkitError(
+            f"--verbalizer must map each label to its word(s), e.g. '{{negative: terrible, positive: great}}'; "
+            f"got {verbalizer!r}"
+        )
+    if len(text_fields) not in (1, 2):
+        raise ToolkitError(
+            f"--text-fields takes one or two columns for a prompt ({{text}}, {{text_b}}), got {text_fields}"
+        )
+    prompt = SimpleNamespace(template=list(templates), verbalizer=verbalizer, length_normalize=False)
+    cloze.check_prompt(prompt, pair=len(text_fields) == 2)
+    path = resolve_path(model_dir)
+    if not (Path(path) / "config.json").is_file():
+        raise ToolkitError(f"'{path}' is not a model folder (it has no config.json)")
+    config = load_config(path, {})
+    causal = is_causal_lm(config)
+    model = cloze.load_lm(path, config, causal).eval()
+    tokenizer = load_model_tokenizer(path)
+    max_len = int(max_len or min(max_positions(config), 512))
+    labels = [str(k) for k in verbalizer]
+    verbalizer = {str(k): v for k, v in verbalizer.items()}
+    if causal:
+        words = causal_lm.label_words(tokenizer, labels, verbalizer)
+        content = cloze.prompt_content(
+            prompt, labels, None, text_fields, max_len, {"words": words, "demonstrations": []}
+        )
+    else:
+        cloze.check_tokenizer(tokenizer)
+        ids = cloze.verbalizer_ids(tokenizer, labels, verbalizer, single_token=False)
+        content = cloze.prompt_content(prompt, labels, ids, text_fields, max_len)
+    return model, tokenizer, content
+
+
 def _causal_logits(model, tokenizer, prompt: dict, table, fields: list[str], batch_size: int) -> torch.Tensor:
     """Label scores of every row: the saved templates and demonstrations rendered, each label's words
     scored by their likelihood after the prompt."""
@@ -159,9 +203,17 @@ def predict(
     batch_size: int = 32,
     text_fields: list[str] | None = None,
     file_format: str | None = None,
+    template: str | list[str] | None = None,
+    verbalizer: dict | None = None,
+    max_seq_length: int | None = None,
+    label_field: str | None = None,
 ) -> tuple[Path, dict]:
     """Write a prediction for every row of `file` (CSV/TSV/JSON/JSONL/Parquet) to `output` (.csv or
-    .jsonl); returns (output path, metrics when the file has the label column, else {})."""
+    .jsonl); returns (output path, metrics when the file has the label column, else {}).
+
+    With `template` and `verbalizer`, `model_dir` may be any masked or causal LM folder (a pretraining
+    output, a Hugging Face checkpoint): the prompt is asked zero-shot, as a `cloze` run with
+    `num_train_epochs: 0` would, and nothing is saved but the predictions."""
     from types import SimpleNamespace
 
     from toolkit.finetuning import metrics as task_metrics
@@ -171,14 +223,22 @@ def predict(
     from toolkit.hf import quiet_datasets
     from toolkit.paths import resolve_path
 
-    model, tokenizer, recipe = load_finetuned(model_dir)
-
-    facts = _task_facts(Path(resolve_path(model_dir)))
-    if facts["task_type"] not in ("sequence_classification", "regression"):
-        return _predict_type(model, tokenizer, {**recipe, "_facts": facts}, file, output, batch_size, file_format)
+    if (template is None) != (verbalizer is None):
+        raise ToolkitError("a zero-shot prompt needs both --template and --verbalizer (or neither)")
+    if template is not None:
+        templates = [template] if isinstance(template, str) else list(template)
+        fields = list(text_fields or ["text"])
+        model, tokenizer, given = prompt_model(model_dir, templates, verbalizer, fields, max_seq_length)
+        recipe = {}
+    else:
+        model, tokenizer, recipe = load_finetuned(model_dir)
+        given = None
+        facts = _task_facts(Path(resolve_path(model_dir)))
+        if facts["task_type"] not in ("sequence_classification", "regression"):
+            return _predict_type(model, tokenizer, {**recipe, "_facts": facts}, file, output, batch_size, file_format)
     task = recipe.get("task", {})
     fields = list(text_fields or task.get("text_fields") or ["text"])
-    label_field = task.get("label_field", "label")
+    label_field = label_field or task.get("label_field", "label")
     max_len = task.get("max_seq_length") or 128
     with quiet_datasets():
         table = read_table(file, file_format or task.get("file_format"), "predict")
@@ -194,7 +254,7 @@ def predict(
                 f"no column {', '.join(map(repr, missing))} in '{file}': its columns are {', '.join(table.column_names)}; "
                 "pass --text-fields"
             )
-        prompt = read_prompt(resolve_path(model_dir))
+        prompt = given or read_prompt(resolve_path(model_dir))
         if prompt is None:
             encoded = tokenize(table, tokenizer, fields, max_len)
         else:

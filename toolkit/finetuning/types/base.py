@@ -90,6 +90,9 @@ class TaskType:
         raise NotImplementedError
 
     # ---- outputs ----
+    def write_files(self, folder: Path, recipe, data: TypeData) -> None:
+        """Files the output's loading code needs beside the saved model (after it is saved)."""
+
     def test_metrics(self, model, objective, data: TypeData, recipe, tokenizer, examples: dict) -> dict:
         """Extra test metrics computed after the test split's evaluation (generation decodes here)."""
         return {}

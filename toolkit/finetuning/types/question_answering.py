@@ -8,8 +8,10 @@ labelled with the answer's start and end token, or with the [CLS] position when 
 inside it. Predictions search the `n_best_size` best starts and ends of every window for the best
 valid span (no longer than `max_answer_length`), map its token offsets back to the exact characters
 of the context, and, when unanswerable questions exist (v2.0), answer nothing when the [CLS] score
-beats the best span by more than `null_score_diff_threshold`. Metrics: exact match and token F1 on
-the official SQuAD evaluation script's normalisation (0-100, as that script reports them).
+beats the best span by more than `null_score_diff_threshold`. The windows and the span search live
+in spans.py, which every output also ships as its `pipeline("question-answering")`. Metrics: exact
+match and token F1 on the official SQuAD evaluation script's normalisation (0-100, as that script
+reports them).
 """
 
 from __future__ import annotations
@@ -20,17 +22,27 @@ import re
 import string
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from toolkit.data.examples import Passthrough
 from toolkit.errors import ToolkitError
+from toolkit.finetuning.features import token_dataset
+from toolkit.finetuning.heads import token_head_logits
 from toolkit.finetuning.types.base import TaskType, TypeData, pad_rows
+from toolkit.finetuning.types.spans import (
+    DEFAULTS,
+    SETTINGS,
+    best_answer,
+    context_offsets,
+    custom_pipeline_config,
+    question_windows,
+)
 from toolkit.objectives.base import Objective
 
 FEATURE_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
 NEG = -1e4  # logits of padding positions: never a candidate
+PIPELINE_FILE = "toolkit_qa.py"  # spans.py, saved beside the model as its pipeline
 
 
 # ---- the official SQuAD evaluation (v1.1 script; v2.0's handling of empty answers) ------------------
@@ -128,7 +140,7 @@ def _answers(value, where: str, row: int) -> dict:
 class QuestionAnswering(TaskType):
     name = "question_answering"
     auto_class = "AutoModelForQuestionAnswering"
-    pipeline_task = "question-answering"  # the Hub tag; transformers 5 has no such pipeline any more
+    pipeline_task = "question-answering"  # transformers 5 dropped it; each output ships its own (spans.py)
     main_metric = "f1"
     text_fields = ("question", "context")
 
@@ -195,32 +207,41 @@ class QuestionAnswering(TaskType):
         return SpanExtractor(model, recipe.finetune, tokenizer.pad_token_id, recipe.task, data)
 
     def usage(self, path, adapter, base):
-        # transformers 5 removed pipeline("question-answering"): the plain forward and a span search
-        merge = ".merge_and_unload()" if adapter in ("lora", "qlora") else ""
-        load = (
-            "from peft import AutoPeftModelForQuestionAnswering\n"
-            f'model = AutoPeftModelForQuestionAnswering.from_pretrained("{path}"){merge}.eval()\n'
-            if adapter
-            else f'model = AutoModelForQuestionAnswering.from_pretrained("{path}").eval()\n'
-        )
+        if not adapter:
+            return (
+                "from transformers import pipeline\n\n"
+                "# transformers 5 has no question-answering pipeline of its own: this folder ships the toolkit's\n"
+                f"# ({PIPELINE_FILE}: windows over long contexts, n-best span search, no-answer)\n"
+                f'qa = pipeline("question-answering", model="{path}", trust_remote_code=True)\n'
+                'print(qa(question="Where does Anna live?", context="Anna lives in Oslo."))'
+            )
+        # Not merged: peft's question-answering forward drops token_type_ids (peft 0.21), so the adapter
+        # trained without them, and a merged model, which reads them, would answer differently.
         return (
-            "import torch\nfrom transformers import AutoModelForQuestionAnswering, AutoTokenizer\n\n"
-            + load
-            + f'tokenizer = AutoTokenizer.from_pretrained("{path}")\n'
-            'question, context = "Where does Anna live?", "Anna lives in Oslo."\n'
-            'inputs = tokenizer(question, context, return_tensors="pt", return_offsets_mapping=True)\n'
-            'offsets = inputs.pop("offset_mapping")[0]\n'
-            "with torch.no_grad():\n"
-            "    out = model(**inputs)\n"
-            "context_tokens = torch.tensor([s == 1 for s in inputs.sequence_ids(0)])\n"
-            "start = out.start_logits[0].masked_fill(~context_tokens, -1e4)\n"
-            "end = out.end_logits[0].masked_fill(~context_tokens, -1e4)\n"
-            "scores = start[:, None] + end[None, :]  # best span with start <= end\n"
-            "scores = scores.masked_fill(~torch.ones_like(scores, dtype=torch.bool).triu(), -1e9)\n"
-            "s, e = divmod(int(scores.argmax()), scores.shape[1])\n"
-            "print(context[offsets[s][0] : offsets[e][1]])\n"
-            "# long contexts, several windows, unanswerable questions: toolkit predict FOLDER FILE"
+            "from peft import AutoPeftModelForQuestionAnswering\n"
+            "from transformers import AutoConfig, AutoTokenizer\n"
+            "from transformers.dynamic_module_utils import get_class_from_dynamic_module\n\n"
+            f'model = AutoPeftModelForQuestionAnswering.from_pretrained("{path}").eval()  # as trained: not merged\n'
+            "# transformers 5 has no question-answering pipeline of its own: this folder ships the toolkit's\n"
+            f'QuestionAnswering = get_class_from_dynamic_module("{PIPELINE_FILE.removesuffix(".py")}.QuestionAnsweringPipeline", "{path}")\n'
+            f'settings = AutoConfig.from_pretrained("{path}").{SETTINGS}  # windows and span search, as trained\n'
+            f'qa = QuestionAnswering(model=model, tokenizer=AutoTokenizer.from_pretrained("{path}"), **settings)\n'
+            'print(qa(question="Where does Anna live?", context="Anna lives in Oslo."))'
         )
+
+    def write_files(self, folder, recipe, data):
+        """spans.py as the output's question-answering pipeline (registered in config.json), with the
+        span search's settings of this run."""
+        import inspect
+        import shutil
+
+        shutil.copyfile(inspect.getsourcefile(best_answer), folder / PIPELINE_FILE)
+        settings = {k: getattr(recipe.task, k) for k in DEFAULTS if k != "no_answer"}
+        settings["no_answer"] = bool(data.extra.get("no_answer"))
+        path = folder / "config.json"
+        config = json.loads(path.read_text())
+        config.update(custom_pipeline_config(PIPELINE_FILE.removesuffix(".py"), settings))
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     def write_predictions(self, folder, data, examples, objective):
         raw = data.raw["test"]
@@ -269,24 +290,13 @@ def encode_questions(ds, tokenizer, task):
 
     if tokenizer.padding_side != "right":
         raise ToolkitError("question answering needs a tokenizer that pads on the right")
-    questions = [q.lstrip() for q in ds["question"][:]]
-    contexts = ds["context"][:]
-    enc = tokenizer(
-        questions,
-        contexts,
-        truncation="only_second",
-        max_length=task.max_seq_length,
-        stride=task.doc_stride,
-        return_overflowing_tokens=True,
-        return_offsets_mapping=True,
-    )
+    enc = question_windows(tokenizer, ds["question"][:], ds["context"][:], task.max_seq_length, task.doc_stride)
     answers = ds["answers"][:]
     out = {c: enc[c] for c in FEATURE_COLUMNS if c in enc}
     out.update(start_positions=[], end_positions=[], example=[], offsets=[])
     for i, offsets in enumerate(enc["offset_mapping"]):
         e = enc["overflow_to_sample_mapping"][i]
         seq = enc.sequence_ids(i)
-        context_offsets = [list(o) if seq[k] == 1 else [-1, -1] for k, o in enumerate(offsets)]
         start = end = 0  # [CLS]: the answer is not in this window (or there is none)
         if answers[e]["text"]:
             a_start = answers[e]["answer_start"][0]
@@ -298,13 +308,12 @@ def encode_questions(ds, tokenizer, task):
         out["start_positions"].append(start)
         out["end_positions"].append(end)
         out["example"].append(e)
-        out["offsets"].append(context_offsets)
+        out["offsets"].append(context_offsets(enc, i))
     return datasets.Dataset.from_dict(out)
 
 
 def postprocess(features, examples, start_logits, end_logits, task, no_answer: bool) -> dict:
-    """Question id -> answer text: the best valid span over all of a question's windows, or '' when the
-    [CLS] (no-answer) score beats it by more than the threshold (only when unanswerable questions exist)."""
+    """Question id -> answer text: spans.best_answer over all of a question's windows ('' for no answer)."""
     by_example = collections.defaultdict(list)
     for f, e in enumerate(features["example"][:]):
         by_example[e].append(f)
@@ -313,23 +322,11 @@ def postprocess(features, examples, start_logits, end_logits, task, no_answer: b
     contexts, ids = examples["context"][:], examples["id"][:]
     answers = {}
     for e, qid in enumerate(ids):
-        best_score, best_text, null_score = -np.inf, "", np.inf
-        for f in by_example.get(e, []):
-            s_log, e_log, offsets = start_logits[f], end_logits[f], offsets_all[f]
-            null_score = min(null_score, s_log[0] + e_log[0])
-            n = len(offsets)
-            starts = np.argsort(s_log[:n])[::-1][: task.n_best_size]
-            ends = np.argsort(e_log[:n])[::-1][: task.n_best_size]
-            for s in starts:
-                for t in ends:
-                    if offsets[s][0] < 0 or offsets[t][0] < 0 or t < s or t - s + 1 > task.max_answer_length:
-                        continue
-                    score = s_log[s] + e_log[t]
-                    if score > best_score:
-                        best_score, best_text = score, contexts[e][offsets[s][0] : offsets[t][1]]
-        if no_answer and null_score - best_score > task.null_score_diff_threshold:
-            best_text = ""
-        answers[qid] = best_text
+        windows = [(start_logits[f], end_logits[f], offsets_all[f]) for f in by_example.get(e, [])]
+        found = best_answer(
+            windows, task.n_best_size, task.max_answer_length, no_answer, task.null_score_diff_threshold
+        )
+        answers[qid] = "" if found is None else contexts[e][found["start"] : found["end"]]
     return answers
 
 
@@ -370,8 +367,9 @@ class SpanExtractor(Objective):
         self.pad_id, self.task, self.no_answer = pad_id, task, bool(data.extra.get("no_answer"))
         self.reference = (data.validation, data.raw.get("validation"))  # what evaluation scores against
 
-    def make_dataset(self, hf_dataset, split="train"):
-        return SpanWindows(hf_dataset, self.pad_id)
+    def make_dataset(self, data, split="train"):
+        """The windows (a tokenized split), or the frozen mode's cached features of them."""
+        return token_dataset(data, lambda t: SpanWindows(t, self.pad_id))
 
     def make_collator(self, tokenizer, seed, salt="train"):
         return Passthrough()
@@ -386,9 +384,18 @@ class SpanExtractor(Objective):
         return {"task": batch["input_ids"].new_tensor(batch["input_ids"].shape[0])}
 
     def forward(self, batch):
-        out = self.model(**{k: batch[k] for k in FEATURE_COLUMNS if k in batch})
+        if "features" in batch:  # the frozen mode: the span head on the encoder's cached vectors
+            start, end = token_head_logits(self.model, batch["features"]).float().unbind(-1)
+        else:
+            out = self.model(**{k: batch[k] for k in FEATURE_COLUMNS if k in batch})
+            start, end = out.start_logits.float(), out.end_logits.float()
         n = batch["input_ids"].shape[1]  # P-tuning's virtual tokens come first: never an answer
-        start, end = out.start_logits.float()[:, -n:], out.end_logits.float()[:, -n:]
+        # Padding is never an answer either: without this mask the softmax would run over as many padding
+        # positions as the batch's longest window adds, so the loss would depend on which windows share a
+        # batch (and on the number of processes that split a global batch).
+        padding = batch["attention_mask"] == 0
+        start = start[:, -n:].masked_fill(padding, NEG)
+        end = end[:, -n:].masked_fill(padding, NEG)
         loss = (
             F.cross_entropy(start, batch["start_positions"], reduction="sum")
             + F.cross_entropy(end, batch["end_positions"], reduction="sum")

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 from toolkit.data.examples import LengthOrdered, Passthrough
 from toolkit.errors import ToolkitError
+from toolkit.finetuning.features import token_dataset
+from toolkit.finetuning.heads import token_head_logits
 from toolkit.finetuning.types.base import TaskType, TypeData, pad_rows
 from toolkit.objectives.base import Objective
 
@@ -362,8 +364,9 @@ class TokenClassifier(Objective):
         self.pad_id, self.max_len = pad_id, max_len
         self.labels, self.entity = list(data.labels), bool(data.extra.get("entity_metrics"))
 
-    def make_dataset(self, hf_dataset, split="train"):
-        return TokenizedWindows(hf_dataset, self.pad_id, self.max_len, longest_first=split != "train")
+    def make_dataset(self, data, split="train"):
+        """The windows (a tokenized split), or the frozen mode's cached features of them."""
+        return token_dataset(data, lambda t: TokenizedWindows(t, self.pad_id, self.max_len, split != "train"))
 
     def make_collator(self, tokenizer, seed, salt="train"):
         return Passthrough()
@@ -379,7 +382,10 @@ class TokenClassifier(Objective):
 
     def forward(self, batch):
         inputs = {k: batch[k] for k in FEATURE_COLUMNS if k in batch}
-        logits = self.model(**inputs).logits.float()
+        if "features" in batch:  # the frozen mode: the head on the encoder's cached vectors
+            logits = token_head_logits(self.model, batch["features"]).float()
+        else:
+            logits = self.model(**inputs).logits.float()
         logits = logits[:, -inputs["input_ids"].shape[1] :]  # P-tuning's virtual tokens come first: not words
         loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="sum")
         pred = logits.detach().argmax(-1)
