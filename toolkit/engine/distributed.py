@@ -359,6 +359,10 @@ def full_state_dict(accelerator, model) -> dict:
     layout = parallel.layout_of(accelerator)
     if layout.tp > 1:  # tensor-parallel shards gathered into full tensors
         return parallel.full_state_dict(model, layout)
+    if layout.pp > 1:  # every pipeline stage's weights
+        from toolkit.engine import pipeline
+
+        return pipeline.full_state_dict(model, layout)
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return accelerator.get_state_dict(model)
     import deepspeed

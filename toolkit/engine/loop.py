@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from toolkit.data.loader import GlobalBatchSampler, ShardSampler, make_loader
-from toolkit.engine import checkpoint, distributed, flops, parallel
+from toolkit.engine import checkpoint, distributed, flops, parallel, pipeline
 from toolkit.engine.memory import enable_gradient_checkpointing
 from toolkit.engine.optim import innermost_optimizer, make_optimizer, make_scheduler, optimizer_name
 from toolkit.engine.precision import SkippedSteps, upcast_trainable_params
@@ -78,7 +78,8 @@ def make_accelerator(t, output_dir: Path):
     )
     distributed.check_launch(accelerator)  # N processes asked, N joined; FSDP/DeepSpeed asked, got
     distributed.fill_deepspeed(accelerator, t)  # a DeepSpeed file contradicting the recipe stops here
-    # tensor parallelism: a dp x tp mesh over the launched processes (checked against the launch here)
+    # tensor or pipeline parallelism: a dp x tp or dp x pp mesh over the launched processes (checked here)
+    pipeline.check_layout(t, accelerator.num_processes, distributed.engine_name(accelerator))
     accelerator.toolkit_layout = parallel.make_layout(accelerator, t, distributed.engine_name(accelerator))
     distributed.honor_zero3_init_flag(accelerator)
     return accelerator
@@ -251,7 +252,7 @@ def train(job: Job, accelerator, resume: Path | None = None):
     t, objective = job.training, job.objective
     layout = parallel.layout_of(accelerator)
     world, rank = layout.dp, layout.dp_rank  # data-parallel groups read different batches
-    tensor_parallel = layout.tp > 1
+    tensor_parallel, pipelined = layout.tp > 1, layout.pp > 1
     accum = t.gradient_accumulation_steps
     main = accelerator.is_main_process
 
@@ -292,10 +293,12 @@ def train(job: Job, accelerator, resume: Path | None = None):
     distributed.prepare_fsdp(objective)
     if tensor_parallel:  # split before the optimizer is built over the (now sharded) parameters
         plan = parallel.parallelize(objective, layout)
-    optimizer = make_optimizer(objective, t, accelerator.device, ds_config)
+    if pipelined:  # this process keeps its stage's weights; the optimizer is built over them alone
+        model = pipeline.Pipeline(objective, layout, t, accelerator)
+    optimizer = make_optimizer(model if pipelined else objective, t, accelerator.device, ds_config)
     if tensor_parallel:  # no DDP wrapper: DTensor runs the layers, the loop averages data-parallel copies
         model = parallel.prepare(objective, accelerator)
-    else:
+    elif not pipelined:
         model, optimizer = accelerator.prepare(objective, optimizer)
     # The schedule drives the optimizer that does the update (DeepSpeed may have built it), once per step.
     scheduler = make_scheduler(innermost_optimizer(optimizer), t, steps)
@@ -311,6 +314,7 @@ def train(job: Job, accelerator, resume: Path | None = None):
         "world_size": accelerator.num_processes,
         "engine": distributed.engine_name(accelerator),
         "tensor_parallel_size": layout.tp,
+        "pipeline_parallel_size": layout.pp,
         "optimizer": t.optimizer,
         "per_device_train_batch_size": t.per_device_train_batch_size,
         "gradient_accumulation_steps": accum,
@@ -333,6 +337,8 @@ def train(job: Job, accelerator, resume: Path | None = None):
             restore_position(dataset, resume)
         if tensor_parallel:
             parallel.load_shards(model, optimizer, resume)
+        if pipelined:
+            model.load(optimizer, resume)
         step, tokens_seen, elapsed = state["step"], state["tokens_seen"], state.get("train_seconds", 0.0)
         skips.restore(state.get("skipped_steps", {}))
         saves = state.get("save_sequence", 0)
@@ -370,6 +376,7 @@ def train(job: Job, accelerator, resume: Path | None = None):
         print(
             f"training: {steps} steps, {distributed.describe(accelerator)}, "
             + (f"{layout.describe()} ({parallel.describe_plan(plan)} layers), " if tensor_parallel else "")
+            + (f"{model.describe()}, " if pipelined else "")
             + f"{optimizer_name(optimizer)}, global batch "
             f"{t.per_device_train_batch_size * world * accum} x "
             + (
@@ -406,8 +413,16 @@ def train(job: Job, accelerator, resume: Path | None = None):
                 job.write_extras(folder)
                 write_positions(folder, positions)
 
-        shards = (lambda folder: parallel.save_shards(model, optimizer, folder)) if tensor_parallel else None
-        checkpoint.save(accelerator, job.output_dir, step, state, extras, t.save_total_limit, seq=saves, shards=shards)
+        def shards(folder):  # what accelerate does not hold: tensor-parallel shards, pipeline stages
+            if tensor_parallel:
+                parallel.save_shards(model, optimizer, folder)
+            else:
+                model.save(optimizer, folder)
+
+        shards_of = shards if tensor_parallel or pipelined else None
+        checkpoint.save(
+            accelerator, job.output_dir, step, state, extras, t.save_total_limit, seq=saves, shards=shards_of
+        )
 
     history: dict = {}
     if evals is not None and t.eval_on_start and step == 0:
@@ -447,32 +462,45 @@ def train(job: Job, accelerator, resume: Path | None = None):
         step_flops = global_counts.pop(_FLOPS, 0.0)
         global_counts = {k: max(v, 1.0) for k, v in global_counts.items()}
 
-        # 2. forward/backward; DDP (or, under tensor parallelism, the loop) averages gradients over the
-        #    data-parallel copies, hence the factor world (their number).
+        # 2. forward/backward; DDP (or, under tensor and pipeline parallelism, the loop) averages gradients
+        #    over the data-parallel copies, hence the factor world (their number).
         #    A nan/inf loss on any process skips the step everywhere, decided before the step's one
         #    gradient synchronisation (the last micro-batch's backward); the weights stay untouched.
+        #    Under pipeline parallelism forward and backward run together, stage by stage, and a skipped
+        #    step's gradients are dropped instead.
         nonfinite, skip = torch.zeros((), dtype=torch.bool, device=accelerator.device), False
         for i, batch in enumerate(micro):
             with accelerator.accumulate(model):
-                losses, stats = model(batch)
+                if pipelined:  # the same loss, normalised piece by piece inside the schedule
+                    losses, stats = model.step(batch, global_counts, world)
+                else:
+                    losses, stats = model(batch)
                 loss = sum(objective.loss_weights[k] * losses[k] / global_counts[k] for k in losses)
                 nonfinite |= ~torch.isfinite(loss.detach())
                 if i == accum - 1:
                     skip = any_process(accelerator, nonfinite)
-                if not skip:
+                if pipelined:
+                    pass
+                elif not skip:
                     accelerator.backward(loss * world * accum)  # backward() divides by accum again
                 elif deepspeed:  # DeepSpeed steps inside backward(); nan gradients make it drop the step
                     accelerator.backward(loss * float("nan"))
                 if accelerator.sync_gradients and not skip:
                     if tensor_parallel:
                         parallel.average_gradients(model, layout)
-                    clip = parallel.clip_grad_norm_ if tensor_parallel else accelerator.clip_grad_norm_
+                    if pipelined:  # tied weights' stages summed, data-parallel copies averaged
+                        model.reduce_gradients()
+                    clip = accelerator.clip_grad_norm_
+                    if tensor_parallel or pipelined:
+                        clip = parallel.clip_grad_norm_ if tensor_parallel else model.clip_grad_norm_
                     if t.max_grad_norm > 0:
                         norm = clip(model.parameters(), t.max_grad_norm)
                         if norm is not None and math.isfinite(float(norm)):
                             grad_norms.append(float(norm))
                     optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                # an optimizer accelerate did not wrap (tensor and pipeline parallelism) is cleared only here too
+                if accelerator.sync_gradients:
+                    optimizer.zero_grad(set_to_none=True)
             add_into(interval, "loss/", losses)
             add_into(interval, "", stats)
             n_tokens = objective.num_tokens(batch) * world
@@ -539,10 +567,13 @@ def train(job: Job, accelerator, resume: Path | None = None):
         train_seconds=elapsed,
         world_size=accelerator.num_processes,
         tensor_parallel_size=layout.tp,
+        pipeline_parallel_size=layout.pp,
         engine=run_facts["engine"],
         optimizer=optimizer_name(optimizer),
         skipped_nonfinite_steps=skips.nonfinite,
         skipped_loss_scaler_steps=skips.loss_scaler,
         **({"train_flops": meter.total} if counts_flops else {}),
     )
-    return history, model  # the prepared model: the final save gathers sharded weights from it
+    # the prepared model: the final save gathers sharded weights from it (under pipeline parallelism from
+    # the objective, which holds this process's stage)
+    return history, objective if pipelined else model

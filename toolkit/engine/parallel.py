@@ -12,6 +12,8 @@ only, and sums reduced over every process count each batch `tp` times (`Layout.c
 of the data-parallel copies are averaged over the `dp` mesh dimension. Checkpoints hold the shards
 (torch.distributed.checkpoint), so a run resumes under the same layout; the final folder is gathered
 into an ordinary full-size `save_pretrained` folder.
+
+`Layout` also describes pipeline parallelism (`engine.pipeline`): `pp` stages per data-parallel copy.
 """
 
 from __future__ import annotations
@@ -29,25 +31,27 @@ SHARDS_DIR = "tensor_parallel_shards"  # inside a checkpoint: model and optimize
 
 @dataclass
 class Layout:
-    """How the processes split the work: `dp` data-parallel groups of `tp` tensor-parallel processes."""
+    """How the processes split the work: `dp` data-parallel groups of `tp` tensor-parallel processes, or of
+    `pp` pipeline stages (one of the two is 1)."""
 
     world: int
     rank: int
     tp: int = 1
-    mesh: object = field(default=None, repr=False)  # DeviceMesh ("dp", "tp") when tp > 1
+    mesh: object = field(default=None, repr=False)  # DeviceMesh ("dp", "tp") or ("dp", "pp") when tp or pp > 1
+    pp: int = 1
 
     @property
     def dp(self) -> int:
-        return self.world // self.tp
+        return self.world // (self.tp * self.pp)
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // self.tp
+        return self.rank // (self.tp * self.pp)
 
     @property
     def copies(self) -> int:
-        """How many processes compute each batch (and so each summed statistic)."""
-        return self.tp
+        """How many processes read each batch (and so hold each summed statistic)."""
+        return self.tp * self.pp
 
     def describe(self) -> str:
         return f"tensor parallel {self.tp} x data parallel {self.dp}" if self.tp > 1 else ""
@@ -79,12 +83,14 @@ def check_layout(tp: int, world: int, engine: str, optimizer: str = "adamw") -> 
 def make_layout(accelerator, t, engine: str) -> Layout:
     world, rank, tp = accelerator.num_processes, accelerator.process_index, t.tensor_parallel_size
     check_layout(tp, world, engine, t.optimizer)
-    if tp == 1:
+    pp = t.pipeline_parallel_size  # checked by engine.pipeline.check_layout
+    if tp == 1 and pp == 1:
         return Layout(world, rank)
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(accelerator.device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
-    return Layout(world, rank, tp, mesh)
+    inner, name = (tp, "tp") if tp > 1 else (pp, "pp")
+    mesh = init_device_mesh(accelerator.device.type, (world // inner, inner), mesh_dim_names=("dp", name))
+    return Layout(world, rank, tp, mesh, pp)
 
 
 def layout_of(accelerator) -> Layout:

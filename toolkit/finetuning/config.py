@@ -268,6 +268,15 @@ class FinetuneTrainingArgs(TrainingArgs):
         default_factory=list,
     )
 
+    def validate(self) -> None:
+        super().validate()
+        if self.pipeline_parallel_size > 1:
+            raise ToolkitError(
+                f"training.pipeline_parallel_size={self.pipeline_parallel_size}: pipeline parallelism trains the "
+                "pretraining objectives mlm and clm (toolkit pretrain), not fine-tuning: set it to 1 (fine-tuning "
+                "splits large models with training.tensor_parallel_size)"
+            )
+
 
 @dataclass
 class CompareArgs:

@@ -193,6 +193,12 @@ class Objective(nn.Module):
         """The transformers models this objective trains, by sub-folder ('' is output_dir)."""
         return {"": self.model}
 
+    def pipeline_split(self):
+        """The model cut into pipeline stages (`toolkit.engine.pipeline.Split`: embeddings, blocks, head and
+        the loss on the head's output), or None where this model cannot be split. An objective that does not
+        override this is refused under training.pipeline_parallel_size > 1."""
+        return None
+
 
 def strip_prefix(state_dict: dict | None, prefix: str) -> dict | None:
     if state_dict is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -93,6 +94,44 @@ class MaskedLM(Objective):
             self.model, batch["input_ids"], batch["labels"], batch.get("token_type_ids"), batch.get("attention_mask")
         )
         return {"mlm": loss}, {"mlm_correct": correct}
+
+    def pipeline_split(self):
+        """BERT in stages: the embeddings first, the blocks in order, the masked-LM head last (run at the
+        masked positions only, as `forward` does). The padding mask travels with the hidden states."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        from toolkit.engine.pipeline import Split
+
+        encoder, head = mlm_parts(self.model)
+        if getattr(self.model.config, "model_type", "") != "bert" or encoder is None:
+            return None
+        config = self.model.config
+
+        def inputs(batch):
+            ids, types, mask = batch["input_ids"], batch.get("token_type_ids"), batch.get("attention_mask")
+            types = torch.zeros_like(ids) if types is None else types
+            mask = torch.ones_like(ids) if mask is None else mask  # all ones: SDPA still runs unmasked
+            return (ids, types, mask), batch["labels"]
+
+        def block_kwargs(hidden, mask):
+            return {
+                "attention_mask": create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=mask)
+            }
+
+        def loss(hidden, labels):
+            selected = labels != -100
+            loss, correct = token_loss(head(hidden[selected]), labels[selected])
+            return {"mlm": loss}, {"mlm_correct": correct}
+
+        return Split(
+            blocks=encoder.encoder.layer,
+            first=[encoder.embeddings],
+            last=[head],
+            inputs=inputs,
+            embed=lambda ids, types, mask: (encoder.embeddings(input_ids=ids, token_type_ids=types), mask),
+            block_kwargs=block_kwargs,
+            loss=loss,
+        )
 
     def metrics(self, totals):
         out = super().metrics(totals)
