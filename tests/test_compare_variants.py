@@ -142,6 +142,7 @@ def test_seeds_run_every_row_per_seed_and_report_mean_and_spread(tmp_path, mlm, 
         assert row["test_accuracy"] == pytest.approx(statistics.fmean(accuracies))
         assert row["test_accuracy_sd"] == pytest.approx(statistics.stdev(accuracies))
     assert "accuracy sd" in result.table and "seeds [1, 2, 4]" in result.markdown.read_text()
+    assert "few-shot: 4 training and 4 validation examples per class" in result.markdown.read_text()
     with pytest.raises(ToolkitError, match="compare.seeds must be distinct"):
         toolkit.compare(spec(tmp_path / "k2", mlm, sentiment, modes=["full"], seeds=[1, 1]))
 

@@ -111,6 +111,12 @@ def compare(recipe=None, overrides=None, **kwargs) -> CompareResult:
         header = (
             f"# Fine-tuning modes compared\n\nCheckpoint `{shared.model.model_name_or_path}`, {data.source}; "
             f"rows: {', '.join(f'{k} {v}' for k, v in data.rows.items())}; "
+            + (
+                f"few-shot: {shared.task.shots} training and {shared.task.shots} validation examples per class "
+                "drawn from those by each run's seed; "
+                if shared.task.shots
+                else ""
+            )
             + (f"seeds {seeds} (mean and standard deviation).\n\n" if seeds else f"seed {shared.training.seed}.\n\n")
         )
         md.write_text(header + table + "\n\n" + NOTES + "\n")
