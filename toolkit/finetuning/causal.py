@@ -32,6 +32,7 @@ from toolkit.data.examples import LengthOrdered
 from toolkit.errors import ToolkitError
 from toolkit.finetuning.cloze import parse_template, templates_of, verbalizer_pieces
 from toolkit.finetuning.objective import SequenceClassifier
+from toolkit.hf import quiet_transformers
 
 SEPARATOR = "\n\n"  # between in-context demonstrations and before the query
 
@@ -151,10 +152,11 @@ def encode(ds, tokenizer, templates, text_fields, max_len, words, demos, spare=N
     rows = list(rows or [])
 
     def encode_batch(batch, indices):
-        tokens = {
-            n: tokenizer([str(x) for x in batch[c]], add_special_tokens=False)["input_ids"]
-            for n, c in zip(names, text_fields)
-        }
+        with quiet_transformers():  # whole texts, cut by render(): not the "longer than" warning
+            tokens = {
+                n: tokenizer([str(x) for x in batch[c]], add_special_tokens=False)["input_ids"]
+                for n, c in zip(names, text_fields)
+            }
         out = []
         for r, i in enumerate(indices):
             mine = [spare_ids if j < len(rows) and rows[j] == i else d for j, d in enumerate(demo_ids)]

@@ -31,6 +31,7 @@ import torch
 from toolkit.data.examples import LengthOrdered
 from toolkit.errors import ToolkitError
 from toolkit.finetuning.objective import SequenceClassifier
+from toolkit.hf import quiet_transformers
 
 PROMPT_FILE = "prompt.json"
 FIELDS = ("text", "text_b", "mask")
@@ -236,10 +237,11 @@ def encode(ds, tokenizer, templates: list[str], text_fields: list[str], max_len:
     names = ["text", "text_b"][: len(text_fields)]
 
     def encode_batch(batch):
-        tokens = {
-            n: tokenizer([str(x) for x in batch[c]], add_special_tokens=False)["input_ids"]
-            for n, c in zip(names, text_fields)
-        }
+        with quiet_transformers():  # whole texts, cut by render(): not the "longer than" warning
+            tokens = {
+                n: tokenizer([str(x) for x in batch[c]], add_special_tokens=False)["input_ids"]
+                for n, c in zip(names, text_fields)
+            }
         ids, masks = [], []
         for r in range(len(batch[text_fields[0]])):
             rendered = [render(tokenizer, p, {n: tokens[n][r] for n in names}, max_len) for p in parsed]
@@ -361,8 +363,6 @@ class ClozeModel:
 def load_lm(model_dir: str, config, causal: bool):
     """The checkpoint as a masked LM (or a causal LM) with its pretrained head; refused without one."""
     import transformers
-
-    from toolkit.hf import quiet_transformers
 
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModelForMaskedLM
     try:
