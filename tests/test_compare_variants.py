@@ -123,7 +123,7 @@ def test_bad_variants_are_refused_before_anything_runs(tmp_path, mlm, sentiment,
     assert recorded == []
 
 
-def test_seeds_run_every_row_per_seed_and_report_mean_and_spread(tmp_path, mlm, sentiment, recorded):
+def test_seeds_run_every_row_per_seed_and_report_mean_and_spread(tmp_path, mlm, sentiment, recorded, capsys):
     s = spec(tmp_path / "k", mlm, sentiment, modes=["cloze-zero-shot", "full"], variants=ZERO_SHOT, seeds=[1, 2, 4])
     s["task"]["shots"] = 4
     result = toolkit.compare(s)
@@ -136,6 +136,8 @@ def test_seeds_run_every_row_per_seed_and_report_mean_and_spread(tmp_path, mlm, 
         ("full", "seed-4", 4),
     ]
     assert all(r.task.shots == 4 for r in recorded)
+    printed = capsys.readouterr().out
+    assert "==== compare: full, seed 4 (2 of 2)" in printed and "(3 of 2)" not in printed  # rows, not runs
     accuracies = [0.51, 0.52, 0.54]
     for row in result.rows:
         assert row["seeds"] == 3

@@ -90,13 +90,13 @@ def compare(recipe=None, overrides=None, **kwargs) -> CompareResult:
 
     seeds = shared.compare.seeds
     results, rows, plotted = {}, [], {}
-    for mode, mode_recipe in per_mode.items():
+    for number, (mode, mode_recipe) in enumerate(per_mode.items(), 1):
         runs = []
         for seed in seeds or [None]:
             one = mode_recipe if seed is None else seeded(mode_recipe, seed)
             if main:
                 at = "" if seed is None else f", seed {seed}"
-                print(f"\n==== compare: {mode}{at} ({len(results) + 1} of {len(per_mode)}) -> {one.output_dir}")
+                print(f"\n==== compare: {mode}{at} ({number} of {len(per_mode)}) -> {one.output_dir}")
             with PeakMemory() as memory:
                 result = run(one)
             runs.append(summarise(mode, one, result, memory.peak_mib, data.problem_type))
