@@ -721,8 +721,14 @@ def _assert_same_run(one, other, engine: str) -> None:
     weights = [load_file(str(d / "model.safetensors")) for d in (one, other)]
     assert weights[0].keys() == weights[1].keys()
     if json.loads((one / "toolkit_task.json").read_text())["task_type"] != "question_answering":
+        # Adam moves a weight by at most about the learning rate per step, so where a gradient is ~0 the
+        # processes' different summation order can show up to that much; a real difference shows on average.
+        import yaml
+
+        bound = yaml.safe_load((one / "recipe.yaml").read_text())["training"]["learning_rate"] * a["steps"]
         for key, value in weights[0].items():
-            assert torch.allclose(weights[1][key], value, atol=1e-5), key
+            diff = (weights[1][key] - value).abs()
+            assert diff.max() <= max(bound, 1e-5) and diff.mean() <= 1e-6, (key, diff.max(), diff.mean())
         return
     # The span head's bias (and the last LayerNorm's bias, through the head) moves every position's score
     # alike, so its gradient is zero in exact arithmetic and Adam turns rounding noise there into steps of
