@@ -79,6 +79,38 @@ def test_packing_keeps_every_token_in_order_with_separators(tokenizer, tmp_path,
     assert (stream[ends] == tokenizer.sep_token_id).all()
 
 
+def test_padding_and_truncation_saved_in_a_tokenizer_never_reach_the_data(wordpiece_dir, tmp_path):
+    # sentence-transformers checkpoints (the shipped MiniLM) save fixed padding and truncation in
+    # tokenizer.json; transformers overrides them per call, the data path must not apply them either
+    import datasets
+
+    from toolkit.data.sentences import tokenize_sentences
+    from toolkit.data.streaming import StreamingCorpus
+
+    plain, saved = load_tokenizer(wordpiece_dir), load_tokenizer(wordpiece_dir)
+    saved.backend_tokenizer.enable_truncation(8)
+    saved.backend_tokenizer.enable_padding(length=8, pad_id=saved.pad_token_id, pad_token=saved.pad_token)
+    texts = ["the king and the queen spoke long to his lord in the castle of denmark. " * 3, "a short one."]
+    want = [plain.backend_tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+    assert min(len(w) for w in want) < 8 < max(len(w) for w in want)  # one would be padded, one cut
+    (tmp_path / "saved").mkdir(), (tmp_path / "plain").mkdir()
+    _, got, _ = _pack(saved, tmp_path / "saved", texts * 4, 16)
+    _, ref, _ = _pack(plain, tmp_path / "plain", texts * 4, 16)
+    assert got["input_ids"] == ref["input_ids"] and len(ref) > 0
+    assert saved.pad_token_id not in np.array(got["input_ids"])
+    docs = datasets.Dataset.from_dict({"text": texts})
+    split = tokenize_sentences(docs, saved, 64, None, False)
+    assert split["ids"] == tokenize_sentences(docs, plain, 64, None, False)["ids"]
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(texts) + "\n")
+    streamed = [StreamingCorpus([corpus], tok, 16, shuffle_buffer=1) for tok in (saved, plain)]
+    blocks = [np.stack([s.next_block() for _ in range(6)]) for s in streamed]
+    assert (blocks[0] == blocks[1]).all() and saved.pad_token_id not in blocks[0]
+    # the same cache key as the plain tokenizer; the tokenizer itself keeps its settings
+    assert block_data.tokenizer_hash(saved) == block_data.tokenizer_hash(plain)
+    assert saved.backend_tokenizer.padding is not None and saved.backend_tokenizer.truncation is not None
+
+
 def test_decoder_blocks_have_no_prefix(bpe_dir, tmp_path):
     tok = load_tokenizer(bpe_dir)
     _, packed, stats = _pack(tok, tmp_path, ["one two three four five six seven"] * 20, 16)

@@ -152,6 +152,24 @@ def load_model_tokenizer(model_dir: str, tokenizer_dir: str | None = None):
     return tokenizer
 
 
+def plain_backend(tokenizer):
+    """The fast tokenizer's Rust backend without the padding and truncation that a saved
+    `tokenizer.json` may carry (sentence-transformers models such as the shipped MiniLM save fixed
+    padding to 128 and truncation at 128, which transformers overrides on every call but a direct
+    `encode_batch` applies: [PAD] runs packed into blocks, long documents cut). The data path
+    tokenizes whole documents and packs them itself, so it reads through this. A copy when the
+    backend has either setting; the tokenizer itself is left as it is."""
+    backend = tokenizer.backend_tokenizer
+    if backend.padding is None and backend.truncation is None:
+        return backend
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_str(backend.to_str())
+    plain.no_padding()
+    plain.no_truncation()
+    return plain
+
+
 def token_dtype(tokenizer) -> str:
     """The smallest Arrow integer type that holds every token id: uint16 below 65536 tokens (half
     the cache of int32), else int32. Readers widen to int64 when they make tensors."""

@@ -29,7 +29,7 @@ import numpy as np
 from toolkit.data import corpus
 from toolkit.data.sentences import word_start_flags
 from toolkit.errors import ToolkitError
-from toolkit.tokenizer import separator_id, token_dtype
+from toolkit.tokenizer import plain_backend, separator_id, token_dtype
 
 CACHE_VERSION = 2  # 2: token ids in the smallest dtype that holds the vocabulary (toolkit.tokenizer.token_dtype)
 
@@ -40,7 +40,9 @@ def cache_root(cache_dir: str | None) -> Path:
 
 
 def tokenizer_hash(tokenizer) -> str:
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+    """What a tokenizer's output depends on: its backend without the padding and truncation state
+    (which transformers sets per call, and which the data path drops: `plain_backend`)."""
+    return hashlib.sha256(plain_backend(tokenizer).to_str().encode()).hexdigest()[:16]
 
 
 def hash_key(payload: dict) -> str:
@@ -188,7 +190,7 @@ def split_documents(data, seed: int, train_files, val_files):
 def tokenize_documents(docs, tokenizer, num_proc: int | None, word_starts: bool):
     """Batched tokenization of every document, separator appended (in parallel for big corpora)."""
     sep = separator_id(tokenizer)
-    backend = tokenizer.backend_tokenizer
+    backend = plain_backend(tokenizer)
 
     def encode(batch):
         encodings = backend.encode_batch(batch["text"], add_special_tokens=False)

@@ -11,6 +11,7 @@ import re
 import numpy as np
 
 from toolkit.data import corpus
+from toolkit.tokenizer import plain_backend
 
 SPECIALS_PER_PAIR = 3  # [CLS] A [SEP] B [SEP]
 
@@ -62,7 +63,7 @@ def word_start_flags(word_ids: list) -> list[int]:
 
 def tokenize_sentences(docs, tokenizer, max_seq_length: int, num_proc: int | None, word_starts: bool):
     """Per document: its tokens (`ids`), segment lengths (`lengths`), optional word-start flags."""
-    backend = tokenizer.backend_tokenizer
+    backend = plain_backend(tokenizer)
     max_tokens = max_seq_length - SPECIALS_PER_PAIR
 
     def encode(batch):

@@ -31,7 +31,7 @@ from toolkit.data import corpus
 from toolkit.data.blocks import block_prefix
 from toolkit.data.loader import example_seed
 from toolkit.errors import ToolkitError
-from toolkit.tokenizer import separator_id
+from toolkit.tokenizer import plain_backend, separator_id
 
 STATE_FILE = "data_stream.pt"  # beside each checkpoint: every process's stream position
 DOCUMENTS_PER_READ = 64  # documents tokenized in one batched call
@@ -113,6 +113,7 @@ class StreamingCorpus:
         self.prefix = np.array(block_prefix(tokenizer), dtype=np.int32)
         self.body = max_seq_length - len(self.prefix)
         self.sep = separator_id(tokenizer)
+        self.backend = plain_backend(tokenizer)
         self.buffer = np.zeros((max(shuffle_buffer, 1), max_seq_length), dtype=np.int32)
         self.restore(None)
 
@@ -181,7 +182,7 @@ class StreamingCorpus:
     def _read(self) -> None:
         """Tokenize this process's next few documents onto the leftover tokens."""
         texts = [self.next_document() for _ in range(DOCUMENTS_PER_READ)]
-        encodings = self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+        encodings = self.backend.encode_batch(texts, add_special_tokens=False)
         self.carry = np.concatenate([self.carry, *(np.asarray(e.ids + [self.sep], dtype=np.int32) for e in encodings)])
 
     def _pack(self) -> np.ndarray:
