@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-slow lint bench bench-finetune bench-compress clean
+.PHONY: setup demo test test-slow lint bench bench-finetune bench-compress bench-data bench-finetune-speed clean
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,13 @@ bench-finetune: setup
 
 bench-compress: setup
 	$(PY) bench/compress_quality.py
+
+# SIZES=10 for a quick run (MB, comma-separated; default 10, 100 and 1000)
+bench-data: setup
+	$(PY) bench/data_pipeline.py $(if $(SIZES),--sizes $(SIZES))
+
+bench-finetune-speed: setup
+	$(PY) bench/finetune_throughput.py
 
 clean:
 	rm -rf outputs .cache .pytest_cache
