@@ -12,6 +12,8 @@ them), 15% of the tokens replaced by a fixed sampler:
 - `unigram`: replacements drawn by corpus frequency (the study's generator after ~50 steps is about
   this good: accuracy 8%). Replaced and original tokens then have the same distribution, and only
   the context can tell them apart.
+- `slow`: uniform at first, then the mixture moves linearly to `unigram` over the first half of the
+  steps (a generator that improves slowly, as one under a long warm-up would), unigram after.
 
 and, as a control for the unigram task, a one-layer convolution over neighbouring tokens (a bigram
 detector, no attention). Same optimizer as the study (AdamW, lr 1e-3, linear warm-up and decay,
@@ -106,13 +108,15 @@ def train(name: str, sampler: str, blocks, vocab: int, freq, steps: int, batch: 
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
     )
-    probs = torch.ones(vocab) / vocab if sampler == "uniform" else freq / freq.sum()
+    uniform, unigram = torch.ones(vocab) / vocab, freq / freq.sum()
     tail = {"loss": 0.0, "prior": 0.0, "tp": 0, "pred": 0, "rep": 0}
     start = time.time()
     for step in range(steps):
         x = blocks[torch.randint(0, len(blocks), (batch,))]
         selected = torch.rand(x.shape) < 0.15
         selected[:, 0] = selected[:, -1] = False
+        share = {"uniform": 0.0, "unigram": 1.0}.get(sampler, min(1.0, step / (steps / 2)))
+        probs = (1 - share) * uniform + share * unigram
         replacement = torch.multinomial(probs, x.numel(), replacement=True).view(x.shape)
         corrupted = torch.where(selected, replacement, x)
         replaced = corrupted != x
@@ -149,6 +153,7 @@ def main(argv=None) -> int:
     print("model         sampler   steps    loss  prior  loss/prior  recall  precision  seconds")
     train("electra-2x128", "uniform", blocks, vocab, freq, args.steps)
     train("electra-2x128", "unigram", blocks, vocab, freq, args.steps)
+    train("electra-2x128", "slow", blocks, vocab, freq, args.steps)
     train("bigram", "unigram", blocks, vocab, freq, args.steps)
     return 0
 
