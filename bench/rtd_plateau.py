@@ -31,9 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import REPO
 
 
 def corpus_blocks(corpus_dir: Path, length: int):
@@ -109,6 +107,7 @@ def train(name: str, sampler: str, blocks, vocab: int, freq, steps: int, batch: 
         opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
     )
     uniform, unigram = torch.ones(vocab) / vocab, freq / freq.sum()
+    window = min(100, steps)  # the steps the printed figures average over
     tail = {"loss": 0.0, "prior": 0.0, "tp": 0, "pred": 0, "rep": 0}
     start = time.time()
     for step in range(steps):
@@ -127,10 +126,10 @@ def train(name: str, sampler: str, blocks, vocab: int, freq, steps: int, batch: 
         opt.step()
         sched.step()
         opt.zero_grad()
-        if step >= steps - 100:
+        if step >= steps - window:
             predicted = logits.detach() > 0
-            tail["loss"] += loss.item() / 100
-            tail["prior"] += entropy(replaced.float().mean().item()) / 100
+            tail["loss"] += loss.item() / window
+            tail["prior"] += entropy(replaced.float().mean().item()) / window
             tail["tp"] += (predicted & replaced).sum().item()
             tail["pred"] += predicted.sum().item()
             tail["rep"] += replaced.sum().item()

@@ -10,6 +10,7 @@ import sys
 
 from conftest import REPO
 
+sys.path.insert(0, str(REPO / "bench"))  # the scripts import their shared helpers (bench/common.py) as scripts do
 spec = importlib.util.spec_from_file_location("data_pipeline", REPO / "bench" / "data_pipeline.py")
 data_pipeline = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(data_pipeline)
